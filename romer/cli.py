@@ -1,0 +1,87 @@
+"""The `romer` command line. Each subcommand imports its module lazily so `romer --help` is fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import UserError
+
+
+def _cmd_inspect(args):
+    from .models import load_model
+    from .adapters import describe
+
+    model = load_model(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code)
+    info = describe(model)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"family:          {info['family']}")
+        print(f"MoE layers:      {len(info['moe_layers'])} {info['moe_layers']}")
+        print(f"experts:         {info['num_experts']} routed, top-{info['top_k']}, router {info['router']}")
+        print(f"shared experts:  {info['shared_experts']} per MoE block")
+        print("analog-capable parameters:")
+        for kind, n in info["analog_params"].items():
+            print(f"  {kind:16s} {n:>14,d}")
+
+
+def _cmd_fit_noise(args):
+    from .noise_fit import fit_noise_cli
+
+    fit_noise_cli(args.csv, args.output, degree=args.degree, plot=args.plot)
+
+
+def _cmd_presets(args):
+    from .noise_models import presets_cli
+
+    presets_cli(as_json=args.json)
+
+
+def _cmd_mlflow_log(args):
+    from .tracking import log_committed_metrics
+
+    log_committed_metrics(args.params)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="romer", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("inspect", help="describe the MoE structure of a model")
+    s.add_argument("model", help="'builtin' (models/builtin), a local directory, or a hub id")
+    s.add_argument("--revision", default=None)
+    s.add_argument("--trust-remote-code", action="store_true")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(fn=_cmd_inspect)
+
+    s = sub.add_parser("fit-noise", help="fit a CIM noise model from chip measurement CSVs")
+    s.add_argument("csv", nargs="+", help="measurement CSV files or globs")
+    s.add_argument("-o", "--output", required=True, help="output JSON")
+    s.add_argument("--degree", type=int, default=2, help="degree of the sigma(g) polynomial")
+    s.add_argument("--plot", default=None, help="write a PNG of the fit")
+    s.set_defaults(fn=_cmd_fit_noise)
+
+    s = sub.add_parser("presets", help="list the literature noise models")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_presets)
+
+    s = sub.add_parser("mlflow-log", help="log the committed metrics of a finished run to MLflow")
+    s.add_argument("--params", default="params.yaml")
+    s.set_defaults(fn=_cmd_mlflow_log)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

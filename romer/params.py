@@ -1,0 +1,193 @@
+"""Typed schema for params.yaml, validated at the start of every stage.
+
+An unknown key, a wrong type, an out-of-range value or a missing file raises UserError with a
+message that names the key (dotted, e.g. `calibrate.percentiles`) and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+
+ANALOG_KINDS = ("routed_experts", "shared_experts", "attention", "router")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelParams(_Section):
+    source: str = "builtin"  # builtin | hub id | local directory
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class BuiltinParams(_Section):
+    """Corpus, tokenizer and training recipe of the embedded OLMoE-architecture model."""
+
+    corpus_dir: str = "data/corpus"
+    val_frac: float = Field(0.05, gt=0, lt=0.5)
+    test_frac: float = Field(0.05, gt=0, lt=0.5)
+    max_chars: Optional[int] = Field(None, gt=0)  # cap the corpus (tests use a small slice)
+    vocab_size: int = Field(4096, ge=260)
+    hidden_size: int = Field(256, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_experts: int = Field(16, ge=2)
+    top_k: int = Field(2, ge=1)
+    intermediate_size: int = Field(256, gt=0)
+    seq_len: int = Field(256, ge=8)
+    batch_size: int = Field(16, gt=0)
+    steps: int = Field(600, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    aux_loss_coef: float = Field(0.05, ge=0)
+    bias_balance_rate: float = Field(0.0, ge=0)  # DeepSeek-V3-style aux-free balancing (0 = off)
+    seed: int = 0
+    threads: Optional[int] = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        return self
+
+
+class NoiseParams(_Section):
+    source: str = "data/chip/pcm_sample.csv"  # CSV path/glob (fitted) or preset name
+    degree: int = Field(2, ge=0, le=6)
+    scale: float = Field(1.0, ge=0)
+    t_inference_s: float = Field(25.0, gt=0)
+    drift_compensation: bool = True
+
+
+class CimParams(_Section):
+    analog: list[str] = Field(default_factory=lambda: list(ANALOG_KINDS))
+    tile_rows: Optional[int] = Field(None, gt=0)
+    levels: Optional[int] = Field(None, ge=2)
+
+    @field_validator("analog")
+    @classmethod
+    def _kinds(cls, v):
+        bad = [k for k in v if k not in ANALOG_KINDS]
+        if bad:
+            raise ValueError(f"unknown analog kind(s) {bad}; expected a subset of {list(ANALOG_KINDS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("analog kinds must not repeat")
+        return v
+
+
+class CalibParams(_Section):
+    dataset: str = "builtin-train"  # builtin-train | builtin-validation | local text file | hub dataset
+    n_seqs: int = Field(128, gt=0)
+    seq_len: int = Field(256, ge=8)
+    batch_size: int = Field(16, gt=0)
+    seeds: list[int] = Field(default_factory=lambda: [100, 101, 102], min_length=1)
+
+
+class ReplaceParams(_Section):
+    tau: float = Field(0.25, ge=0)
+    max_per_layer: int = Field(2, ge=0)
+    strategy: Literal["copy_router", "split", "average"] = "copy_router"
+
+
+class CalibrateParams(_Section):
+    percentiles: tuple[float, float] = (5.0, 95.0)
+    mode: Literal["per_chip", "expected"] = "per_chip"
+    layerwise: bool = True
+
+    @field_validator("percentiles")
+    @classmethod
+    def _pct(cls, v):
+        lo, hi = v
+        if not (0 < lo < 100 and 0 < hi < 100):
+            raise ValueError(f"percentiles must lie in (0, 100), got {list(v)}")
+        if not lo < hi:
+            raise ValueError(f"percentiles need lo < hi, got {list(v)}")
+        return v
+
+
+class EvalParams(_Section):
+    dataset: str = "builtin-test"  # builtin-test | builtin-validation | local text file | wikitext2
+    seq_len: int = Field(256, ge=8)
+    batch_size: int = Field(8, gt=0)
+    max_tokens: Optional[int] = Field(None, gt=0)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
+    tasks: list[str] = Field(default_factory=list)
+    task_limit: Optional[int] = Field(None, gt=0)
+
+
+class MlflowParams(_Section):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "romer"
+    enabled: bool = True
+
+
+class Params(_Section):
+    model: ModelParams = Field(default_factory=ModelParams)
+    builtin: BuiltinParams = Field(default_factory=BuiltinParams)
+    noise: NoiseParams = Field(default_factory=NoiseParams)
+    cim: CimParams = Field(default_factory=CimParams)
+    calib: CalibParams = Field(default_factory=CalibParams)
+    replace: ReplaceParams = Field(default_factory=ReplaceParams)
+    calibrate: CalibrateParams = Field(default_factory=CalibrateParams)
+    eval: EvalParams = Field(default_factory=EvalParams)
+    mlflow: MlflowParams = Field(default_factory=MlflowParams)
+
+
+def _format_error(path, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown key '{key}'")
+        else:
+            got = e.get("input")
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{path}: key '{key}': {msg} (got {got!r})")
+    return "\n  ".join(lines)
+
+
+def load_params(path="params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_format_error(path, e)) from None
+
+
+def require_file(path, key):
+    """Stop with a message naming the params key when a required input file is missing."""
+    if not Path(path).exists():
+        raise UserError(f"params key '{key}': file not found: {path}")
+    return Path(path)
+
+
+def flatten(d, prefix=""):
+    """Flatten nested dicts with dots: {'a': {'b': 1}} -> {'a.b': 1}."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
