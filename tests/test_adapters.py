@@ -1,0 +1,141 @@
+import pytest
+import torch
+from torch import nn
+
+from romer.adapters import analog_tensors, describe, get_adapter
+from romer.errors import UserError
+from romer.routing import LayerRouting, Recorder, routed
+
+from deepseek_moe_mirror import Cfg, DeepseekForCausalLM
+from tiny_models import FAMILIES, build
+
+ALL = list(FAMILIES) + ["deepseek_moe"]
+
+
+def make(name):
+    if name == "deepseek_moe":
+        torch.manual_seed(0)
+        return DeepseekForCausalLM(Cfg()).eval()
+    return build(name)
+
+
+def logits_of(model, ids):
+    out = model(ids)
+    return out if torch.is_tensor(out) else out.logits
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_inspect_counts(name):
+    model = make(name)
+    info = describe(model)
+    assert info["family"] == name
+    for k, v in FAMILIES[name][1].items():
+        assert info[k] == v, (k, info[k], v)
+    ap = info["analog_params"]
+    assert ap["router"] == len(v := info["moe_layers"]) * info["num_experts"] * model.config.hidden_size
+    assert ap["routed_experts"] > 0 and ap["attention"] > 0
+    assert (ap["shared_experts"] > 0) == (info["shared_experts"] > 0)
+
+
+def test_inspect_deepseek_moe_layout():
+    info = describe(make("deepseek_moe"))
+    assert info["family"] == "deepseek_moe"
+    assert info["moe_layers"] == [1, 2] and info["num_experts"] == 8 and info["top_k"] == 2
+    assert info["shared_experts"] == 2 and info["router"] == "softmax"
+    # 8 experts x 3 Linear(32x16) per MoE layer, 2 MoE layers
+    assert info["analog_params"]["routed_experts"] == 2 * 8 * 3 * 32 * 16
+    assert info["analog_params"]["dense_mlp"] == 3 * 32 * 64
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_identity_transform_reproduces_model(name, ids):
+    model = make(name)
+    a = get_adapter(model)
+    with torch.no_grad():
+        ref = logits_of(model, ids)
+        plan = {b.layer: LayerRouting(transform=lambda x: x) for b in a.blocks(model)}
+        with routed(model, a, plan):
+            got = logits_of(model, ids)
+    assert (got - ref).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_plus_100_sends_every_token_to_expert_0(name, ids):
+    model = make(name)
+    a = get_adapter(model)
+    for n, buf in model.named_buffers():
+        # A sigmoid score saturates at 1, so a positive correction bias on another expert could still
+        # outrank a +100 logit; the bias itself is covered by the identity test above.
+        if n.endswith("e_score_correction_bias"):
+            buf.zero_()
+    for b in a.blocks(model):
+        # Likewise a saturated sigmoid cannot lift its group past groups of two strong experts, so
+        # group-limited top-k could exclude expert 0's group; route ungrouped for this test.
+        if a.router_kind == "sigmoid":
+            b.router.num_group = b.router.topk_group = 1
+
+    def boost(x):
+        x = x.clone()
+        x[:, 0] += 100
+        return x
+
+    rec = Recorder(indices=True)
+    with torch.no_grad():
+        ref = logits_of(model, ids)
+        with routed(model, a, {b.layer: LayerRouting(transform=boost) for b in a.blocks(model)}, rec):
+            got = logits_of(model, ids)
+    for layer, chunks in rec.indices.items():
+        idx = torch.cat(chunks).long()
+        assert (idx == 0).any(dim=1).all(), f"layer {layer}: not every token chose expert 0"
+    assert (got - ref).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_analog_kinds_partition(name):
+    model = make(name)
+    a = get_adapter(model)
+    names = {}
+    for kind in ("routed_experts", "shared_experts", "attention", "router", "dense_mlp"):
+        for n, k, t in analog_tensors(model, a, [kind]):
+            assert k == kind and t.dim() >= 2
+            assert n not in names
+            names[n] = t
+    ptrs = {t.data_ptr() for t in names.values()}
+    emb = model.model.embed_tokens.weight.data_ptr()
+    assert emb not in ptrs and model.lm_head.weight.data_ptr() not in ptrs
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_expert_tensors_are_writable_views(name):
+    model = make(name)
+    a = get_adapter(model)
+    b = a.blocks(model)[0]
+    src = [t.clone() for t in a.expert_tensors(b, 1)]
+    for dst, s in zip(a.expert_tensors(b, 0), src):
+        dst.copy_(s)
+    for t0, t1 in zip(a.expert_tensors(b, 0), a.expert_tensors(b, 1)):
+        assert torch.equal(t0, t1)
+
+
+def test_dense_model_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(UserError, match="unsupported model family 'llama'"):
+        get_adapter(m)
+
+
+def test_moe_type_without_moe_blocks_refused():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    m = Qwen2MoeForCausalLM(Qwen2MoeConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                           mlp_only_layers=[0, 1]))
+    with pytest.raises(UserError, match="no MoE blocks"):
+        get_adapter(m)
