@@ -1,0 +1,225 @@
+"""The logic of the profile, replace, percentiles and evaluate stages (the stage scripts are thin).
+
+Paths of the stage outputs are module constants so the stages, tests and docs agree on them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .evaluation import mean_ci, paired_reduction, perplexity, routing_report
+from .io import read_json, write_json
+from .replacement import make_plan, pairs_by_layer
+from .routing import Recorder
+
+PROFILE_JSON = "metrics/profile.json"
+PLAN_JSON = "metrics/replacement_plan.json"
+PERCENTILES_JSON = "artifacts/percentiles.json"
+EVAL_JSON = "metrics/eval.json"
+PLOTS = "metrics/plots"
+METHODS = ("noisy", "replace_only", "calibrate_only", "romer")
+
+
+def _record_routing(exp, windows, plan=None):
+    rec = Recorder(indices=True)
+    perplexity(exp.model, exp.adapter, windows, exp.params.calib.batch_size, exp.device,
+               exp.routing_plan(plan), rec)
+    return rec
+
+
+# ---- profile ------------------------------------------------------------------------------------
+def run_profile(params, exp=None) -> dict:
+    from .experiment import Experiment
+    from .plots import plot_profile
+
+    exp = exp or Experiment(params)
+    windows = exp.calib_windows()
+    tau = params.replace.tau
+    exp.set_state(None)
+    clean = _record_routing(exp, windows)
+    out = {"tokens": int(windows.numel()), "num_experts": exp.num_experts, "top_k": exp.top_k,
+           "tau": tau, "seeds": list(params.calib.seeds),
+           "clean": routing_report(clean, exp.num_experts, tau), "noisy": {}}
+    loads = []
+    for seed in tqdm(params.calib.seeds, desc="profile: noisy instances"):
+        exp.set_state(seed)
+        rec = _record_routing(exp, windows)
+        rep = routing_report(rec, exp.num_experts, tau, clean=clean)
+        out["noisy"][str(seed)] = rep
+        loads.append({k: torch.tensor(v["load"]) for k, v in rep["layers"].items()})
+    exp.restore()
+    out["noisy_load"] = {k: torch.stack([d[k] for d in loads]).mean(0).tolist() for k in loads[0]}
+    keys = out["clean"]["mean"].keys()
+    out["noisy_mean"] = {k: sum(out["noisy"][str(s)]["mean"][k] for s in params.calib.seeds) / len(loads)
+                         for k in list(keys) + ["routing_agreement", "kl_clean_noisy"]}
+    write_json(PROFILE_JSON, out)
+    plot_profile(out, PLOTS)
+    return out
+
+
+# ---- replace ------------------------------------------------------------------------------------
+def run_replace(params) -> dict:
+    profile = read_json(PROFILE_JSON)
+    r = params.replace
+    plan = make_plan(profile["noisy_load"], r.tau, r.max_per_layer, r.strategy)
+    write_json(PLAN_JSON, plan)
+    return plan
+
+
+# ---- percentiles --------------------------------------------------------------------------------
+def _pct_to_json(p):
+    return {str(k): v.tolist() for k, v in p.items()}
+
+
+def _maps_to_json(m):
+    return {str(k): {"a": a.tolist(), "b": b.tolist()} for k, (a, b) in m.items()}
+
+
+def maps_from_json(d):
+    return {int(k): (torch.tensor(v["a"], dtype=torch.float64), torch.tensor(v["b"], dtype=torch.float64))
+            for k, v in d.items()}
+
+
+def pct_from_json(d):
+    return {int(k): torch.tensor(v, dtype=torch.float64) for k, v in d.items()}
+
+
+def run_percentiles(params, exp=None) -> dict:
+    """Clean percentiles (without and with the replacement plan) and the `expected` maps pooled over
+    the calib.seeds instances. Per-chip maps depend on the evaluated instance, so `evaluate` makes them."""
+    from .experiment import Experiment
+
+    exp = exp or Experiment(params)
+    plan = read_json(PLAN_JSON)
+    windows = exp.calib_windows()
+    exp.set_state(None)
+    clean = exp.logit_percentiles(windows)
+    exp.set_state(None, plan)
+    clean_replaced = exp.logit_percentiles(windows, plan)
+
+    def instances(with_plan):
+        return [lambda s=s: exp.set_state(s, with_plan) for s in params.calib.seeds]
+
+    expected = {"calibrate_only": exp.calibrate(windows, clean, None, instances(None)),
+                "romer": exp.calibrate(windows, clean_replaced, plan, instances(plan))}
+    exp.restore()
+    out = {"percentiles": list(params.calibrate.percentiles), "layerwise": params.calibrate.layerwise,
+           "seeds": list(params.calib.seeds), "clean": _pct_to_json(clean),
+           "clean_replaced": _pct_to_json(clean_replaced),
+           "expected": {k: _maps_to_json(v) for k, v in expected.items()}}
+    write_json(PERCENTILES_JSON, out)
+    return out
+
+
+# ---- evaluate -----------------------------------------------------------------------------------
+def evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, methods=METHODS, modes=("per_chip",)):
+    """PPL and routing report of each method on one noise instance. Raises on any failure."""
+    p = exp.params
+    bs = p.eval.batch_size
+    aliases = pairs_by_layer(plan) if plan else {}
+    clean_pct = pct_from_json(pct["clean"])
+    clean_rep_pct = pct_from_json(pct["clean_replaced"])
+    res = {}
+
+    def run(name, state_plan, maps=None):
+        exp.set_state(seed, state_plan)
+        if maps == "per_chip":
+            maps = exp.calibrate(calib_w, clean_rep_pct if state_plan else clean_pct, state_plan)
+        rec = Recorder(indices=True)
+        ppl = perplexity(exp.model, exp.adapter, eval_w, bs, exp.device, exp.routing_plan(state_plan, maps), rec)
+        res[name] = {"ppl": ppl, "routing": routing_report(rec, exp.num_experts, p.replace.tau, clean_rec,
+                                                           aliases if state_plan else None)}
+
+    for name in methods:
+        uses_plan = plan if name in ("replace_only", "romer") else None
+        if name in ("noisy", "replace_only"):
+            run(name, uses_plan)
+            continue
+        for mode in modes:
+            key = name if mode == modes[0] else f"{name}_{mode}"
+            maps = "per_chip" if mode == "per_chip" else maps_from_json(pct["expected"][name])
+            run(key, uses_plan, maps)
+    return res
+
+
+def run_evaluate(params, exp=None, log_mlflow=True) -> dict:
+    from .experiment import Experiment
+    from .plots import plot_eval
+
+    t0 = time.time()
+    exp = exp or Experiment(params)
+    e = params.eval
+    eval_w = exp.windows(e.dataset, e.seq_len, max_tokens=e.max_tokens, key="eval")
+    calib_w = exp.calib_windows()
+    plan = read_json(PLAN_JSON)
+    pct = read_json(PERCENTILES_JSON)
+    if pct["percentiles"] != list(params.calibrate.percentiles):
+        raise RuntimeError(f"{PERCENTILES_JSON} was made with other percentiles; rerun the percentiles stage")
+    mode = params.calibrate.mode
+    modes = (mode, "expected" if mode == "per_chip" else "per_chip")
+
+    exp.set_state(None)
+    clean_rec = Recorder(indices=True)
+    clean_ppl = perplexity(exp.model, exp.adapter, eval_w, e.batch_size, exp.device, None, clean_rec,
+                           desc="evaluate: clean")
+    clean_routing = routing_report(clean_rec, exp.num_experts, params.replace.tau)
+    per_seed = {}
+    for seed in tqdm(e.seeds, desc="evaluate: noise seeds"):
+        per_seed[seed] = evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, modes=modes)
+    exp.restore()
+
+    names = list(per_seed[e.seeds[0]].keys())
+    ppl = {"clean": clean_ppl}
+    for n in names:
+        ppl[n] = mean_ci([per_seed[s][n]["ppl"] for s in e.seeds])
+    red, red_ci = paired_reduction(ppl["noisy"]["per_seed"], ppl["romer"]["per_seed"])
+
+    def lb(reports):
+        keys = ("cv", "maxvio", "entropy", "underactivated_frac", "routing_agreement", "kl_clean_noisy")
+        return {k: sum(r["mean"][k] for r in reports) / len(reports) for k in keys if k in reports[0]["mean"]}
+
+    load_balance = {"clean": {**lb([clean_routing]), "routing_agreement": 1.0, "kl_clean_noisy": 0.0}}
+    cv_per_layer = {"clean": {k: v["cv"] for k, v in clean_routing["layers"].items()}}
+    for n in names:
+        reps = [per_seed[s][n]["routing"] for s in e.seeds]
+        load_balance[n] = lb(reps)
+        cv_per_layer[n] = {k: sum(r["layers"][k]["cv"] for r in reps) / len(reps) for k in reps[0]["layers"]}
+
+    out = {
+        "model": params.model.source,
+        "dataset": e.dataset,
+        "tokens": int(eval_w.numel()),
+        "seq_len": e.seq_len,
+        "seeds": list(e.seeds),
+        "noise": {"source": params.noise.source, "scale": params.noise.scale,
+                  "t_inference_s": params.noise.t_inference_s, "analog": list(params.cim.analog)},
+        "method": {"tau": params.replace.tau, "strategy": params.replace.strategy,
+                   "replaced_experts": plan["replaced"], "percentiles": list(params.calibrate.percentiles),
+                   "mode": mode, "layerwise": params.calibrate.layerwise},
+        "ppl": ppl,
+        "ppl_reduction_pct": red,
+        "ppl_reduction_ci95": red_ci,
+        "load_balance": load_balance,
+        "cv_per_layer": cv_per_layer,
+        "tasks": {},
+    }
+    if e.tasks:
+        from .tasks import evaluate_tasks
+
+        out["tasks"] = evaluate_tasks(exp, e.tasks, plan, pct, calib_w, limit=e.task_limit)
+    exp.restore()
+    # Wall time goes to the log and MLflow, not eval.json, which must be identical across reruns.
+    wall = time.time() - t0
+    print(f"evaluate: {len(e.seeds)} seeds x {len(names)} methods in {wall:.0f} s")
+    write_json(EVAL_JSON, out)
+    plot_eval(out, PLOTS)
+    if log_mlflow:
+        from .tracking import log_run
+
+        log_run(params, out, extra_metrics={"wall_time_s": wall})
+    return out

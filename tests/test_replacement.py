@@ -1,0 +1,53 @@
+import torch
+
+from romer.replacement import make_plan, routing_fns, weight_edit
+
+
+def test_plan_on_constructed_profile():
+    E = 8  # fair share 0.125; tau 0.25 -> underactivated below 0.03125
+    load = {0: [0.30, 0.20, 0.01, 0.15, 0.02, 0.12, 0.10, 0.10],
+            1: [0.125] * 8}
+    plan = make_plan(load, tau=0.25, max_per_layer=2, strategy="copy_router")
+    assert plan["layers"]["0"] == [
+        {"slot": 2, "source": 0, "slot_load": 0.01, "source_load": 0.30},
+        {"slot": 4, "source": 1, "slot_load": 0.02, "source_load": 0.20},
+    ]
+    assert plan["layers"]["1"] == [] and plan["replaced"] == 2
+    capped = make_plan(load, tau=0.25, max_per_layer=1, strategy="split")
+    assert [p["slot"] for p in capped["layers"]["0"]] == [2]
+    assert make_plan(load, tau=0.0, max_per_layer=4, strategy="split")["replaced"] == 0
+
+
+def test_weight_edit_copies_source_expert_and_router_row():
+    plan = make_plan({3: [0.5, 0.0, 0.25, 0.25]}, tau=0.25, max_per_layer=1, strategy="copy_router")
+    edit = weight_edit(plan)
+    experts = torch.randn(4, 6, 5)
+    router = torch.randn(4, 5)
+    before = experts.clone()
+    edit("layers.3.mlp.experts.gate_up_proj", "routed_experts", experts)
+    edit("layers.3.mlp.gate.weight", "router", router)
+    assert torch.equal(experts[1], before[0]) and torch.equal(experts[2:], before[2:])
+    assert torch.equal(router[1], router[0])
+    other = torch.randn(4, 6, 5)
+    ref = other.clone()
+    edit("layers.2.mlp.experts.gate_up_proj", "routed_experts", other)  # layer without a plan
+    assert torch.equal(other, ref)
+
+
+def test_split_and_average_routing():
+    pairs = [(1, 0)]  # slot 1 replicates expert 0
+    logits = torch.tensor([[5.0, 4.0, 0.0, 1.0]] * 4)
+    mask, post = routing_fns(pairs, "split", 4)
+    masked = mask(logits)
+    assert (masked[:, 1] < -1e30).all()
+    w = torch.full((4, 2), 0.5)
+    idx = torch.tensor([[0, 3]] * 4)
+    _, new_idx = post(w, idx, masked)
+    assert new_idx[:, 0].tolist() == [0, 1, 0, 1]  # hot expert's tokens alternate with the replica
+    mask, post = routing_fns(pairs, "average", 4)
+    idx = torch.tensor([[0, 3], [2, 3]])
+    w = torch.tensor([[0.6, 0.4], [0.7, 0.3]])
+    nw, ni = post(w, idx, logits[:2])
+    assert ni.tolist() == [[0, 3, 1], [2, 3, 4]]  # 4 = sentinel (no expert) for tokens without expert 0
+    assert torch.allclose(nw, torch.tensor([[0.3, 0.4, 0.3], [0.7, 0.3, 0.0]]))
+    assert routing_fns(pairs, "copy_router", 4) == (None, None)
