@@ -1,0 +1,185 @@
+"""Zero-shot tasks through lm-eval's HFLM on an in-memory tiny OLMoE (romer.tasks)."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from romer.adapters import get_adapter
+from romer.calibration import calibrate_maps, collect_logits, compose, make_transform, percentiles
+from romer.errors import UserError
+from romer.params import Params
+from romer.tasks import LOCAL_TASKS, build_cloze, evaluate_tasks, load_tasks, write_local_task
+
+WORDS = ("love death crown sword night king queen heart blood honour fair foul sweet noble gentle "
+         "lord lady tongue grave heaven earth fortune duke sleep dream ghost storm").split()
+
+
+def play_text(n_speeches=240, seed=0):
+    """Synthetic play-like text: speaker tags, verse lines, blank lines between speeches."""
+    rng = random.Random(seed)
+    out = []
+    for s in range(n_speeches):
+        out.append(rng.choice(["HAMLET.", "OPHELIA.", "KING.", "QUEEN."]))
+        for _ in range(rng.randint(3, 7)):
+            out.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 10))).capitalize() + ",")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def test_build_cloze_is_deterministic_and_well_formed():
+    text = play_text()
+    items = build_cloze(text, n_items=50)
+    assert items == build_cloze(text, n_items=50)
+    assert len(items) == 50
+    lines = text.split("\n")
+    for it in items:
+        assert len(it["choices"]) == 4 and len(set(it["choices"])) == 4
+        assert it["choices"][it["label"]] == lines[it["line"]].strip()
+        assert it["context"].split("\n") == [ln.strip() for ln in lines[it["line"] - 4: it["line"]]]
+        assert it["context"].split("\n")[-1]  # no blank line inside the context
+    # The true line sits in every position (not always first).
+    assert len({it["label"] for it in items}) == 4
+    with pytest.raises(UserError, match="too short"):
+        build_cloze("a\nb\n")
+
+
+# ---- a tiny model, tokenizer and corpus, and an Experiment-like wrapper -------------------------
+def tiny_tokenizer(text):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([text], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", clean_up_tokenization_spaces=False)
+
+
+class TinyExperiment:
+    """What evaluate_tasks uses of romer.experiment.Experiment: params, model, tokenizer, adapter,
+    set_state/restore (seeded in-place noise on routers and experts), routing_plan, calibrate."""
+
+    def __init__(self, params, tokenizer):
+        from transformers import OlmoeConfig, OlmoeForCausalLM
+
+        torch.manual_seed(0)
+        cfg = OlmoeConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
+                          max_position_embeddings=256, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                          output_router_logits=True)  # evaluate_tasks must switch it off
+        self.model = OlmoeForCausalLM(cfg).eval()
+        for n, p in self.model.named_parameters():
+            if n.endswith("mlp.gate.weight"):
+                p.data.normal_(0, 2.0 / p.shape[1] ** 0.5)
+        self.params, self.tokenizer, self.device = params, tokenizer, "cpu"
+        self.adapter = get_adapter(self.model)
+        self.layers = [b.layer for b in self.adapter.blocks(self.model)]
+        self.analog = {n: p for n, p in self.model.named_parameters() if ".mlp." in n}
+        self.clean = {n: p.detach().clone() for n, p in self.analog.items()}
+        self.states = []
+
+    def set_state(self, seed=None, plan=None):
+        self.states.append((seed, bool(plan)))
+        self.restore()
+        if seed is not None:
+            g = torch.Generator().manual_seed(seed)
+            for n, p in self.analog.items():
+                p.data.add_(0.3 * p.data.abs().amax(-1, keepdim=True) * torch.randn(p.shape, generator=g))
+
+    def restore(self):
+        for n, p in self.analog.items():
+            p.data.copy_(self.clean[n])
+
+    def routing_plan(self, plan=None, maps=None):
+        return {layer: compose(make_transform(*maps[layer])) for layer in self.layers if maps and layer in maps}
+
+    def calibrate(self, windows, clean_pct, plan=None, instances=(None,)):
+        return calibrate_maps(self.model, self.adapter, windows, 4, "cpu", clean_pct,
+                              self.params.calibrate.percentiles, instances=instances)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tasks")
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    text = play_text()
+    (corpus / "play.txt").write_text(text)
+    params = Params(builtin={"corpus_dir": str(corpus), "test_frac": 0.3, "val_frac": 0.05, "split_chunks": 1},
+                    eval={"seeds": [0, 1], "batch_size": 8})
+    exp = TinyExperiment(params, tiny_tokenizer(text))
+    calib_w = torch.tensor(exp.tokenizer(text[:20000])["input_ids"][: 8 * 64]).view(8, 64)
+    exp.set_state(None)
+    got = collect_logits(exp.model, exp.adapter, calib_w, 4, "cpu")
+    clean = {str(k): percentiles(v, *params.calibrate.percentiles).tolist() for k, v in got.items()}
+    pct = {"clean": clean, "clean_replaced": clean,
+           "expected": {"romer": {k: {"a": [1.0] * 8, "b": [0.0] * 8} for k in clean}}}
+    plan = {"strategy": "copy_router", "tau": 0.25, "max_per_layer": 0, "layers": {}, "replaced": 0}
+    exp.states.clear()
+    return tmp, exp, plan, pct, calib_w
+
+
+def test_local_task_loads_offline(setup):
+    tmp, exp, *_ = setup
+    from romer.corpus import builtin_splits
+
+    d = write_local_task("builtin_cloze", builtin_splits(exp.params.builtin)["test"], tmp / "cache")
+    assert write_local_task("builtin_cloze", builtin_splits(exp.params.builtin)["test"], tmp / "cache") == d
+    cfg = json.loads((d / "builtin_cloze.yaml").read_text())
+    assert cfg["dataset_path"] == "json" and cfg["output_type"] == "multiple_choice"
+    td = load_tasks(["builtin_cloze"], exp.params.builtin, tmp / "cache")
+    docs = list(td["tasks"]["builtin_cloze"].eval_docs)
+    assert len(docs) == len((d / "builtin_cloze.jsonl").read_text().splitlines()) > 50
+    assert set(docs[0]) >= {"context", "choices", "label"}
+
+
+def test_evaluate_tasks_shape(setup, capsys, monkeypatch):
+    import romer.tasks
+
+    tmp, exp, plan, pct, calib_w = setup
+    seen, run = [], romer.tasks.run_tasks
+    monkeypatch.setattr(romer.tasks, "run_tasks",
+                        lambda *a, **k: seen.append(exp.model.config.output_router_logits) or run(*a, **k))
+    out = evaluate_tasks(exp, ["builtin_cloze"], plan, pct, calib_w, limit=24, root=tmp / "cache")
+    assert seen == [False] * 5  # off while lm-eval runs (transformers crashes in generation otherwise)
+    assert exp.model.config.output_router_logits is True  # restored afterwards
+    assert list(out) == ["builtin_cloze"]
+    r = out["builtin_cloze"]
+    assert r["metric"] == "acc" and r["n_items"] == 24
+    assert 0.0 <= r["clean"] <= 1.0
+    for m in ("noisy", "romer"):
+        assert set(r[m]) == {"mean", "std", "ci95", "per_seed"}
+        assert len(r[m]["per_seed"]) == 2
+        assert all(0.0 <= v <= 1.0 for v in r[m]["per_seed"])
+    assert 0.0 <= r["all"]["acc_norm"]["clean"] <= 1.0
+    # clean, then per seed: noisy, romer (with the plan); the model is restored at the end
+    assert exp.states == [(None, False), (0, False), (0, True), (1, False), (1, True)]
+    log = capsys.readouterr().out
+    assert "tasks: clean: builtin_cloze acc=" in log and "seed 1 romer (per_chip)" in log
+    json.dumps(out)
+
+
+def test_evaluate_tasks_expected_mode(setup):
+    tmp, exp, plan, pct, calib_w = setup
+    exp.params.calibrate.mode = "expected"
+    exp.params.eval.seeds = [3]
+    try:
+        out = evaluate_tasks(exp, ["builtin_cloze"], plan, pct, calib_w, limit=8, root=tmp / "cache")
+    finally:
+        exp.params.calibrate.mode = "per_chip"
+        exp.params.eval.seeds = [0, 1]
+    # identity maps: romer == noisy on the same instance (no replacement in this plan)
+    assert out["builtin_cloze"]["romer"]["per_seed"] == out["builtin_cloze"]["noisy"]["per_seed"]
+
+
+def test_unknown_task_names_the_task_and_the_local_tasks(setup):
+    tmp, exp, plan, pct, calib_w = setup
+    with pytest.raises(UserError) as e:
+        evaluate_tasks(exp, ["builtin_cloze", "no_such_task_xyz"], plan, pct, calib_w, root=tmp / "cache")
+    msg = str(e.value)
+    assert "no_such_task_xyz" in msg and all(n in msg for n in LOCAL_TASKS)
