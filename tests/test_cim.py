@@ -1,0 +1,197 @@
+"""Weights on CIM arrays (romer.cim.AnalogWeights): mapping, noise statistics, seeds, restore."""
+
+import math
+
+import pytest
+import torch
+
+from romer.cim import AnalogWeights, tensor_seed
+from romer.noise_models import NoiseModel, gaussian, pcm_joshi2020
+
+PCM = pcm_joshi2020()
+PROG_ONLY = NoiseModel(name="prog", kind="json", g_max=25.0, prog_coeffs=list(PCM.prog_coeffs))
+LEVELS = [0.1, 0.3, 0.6, 0.9]  # |w| / w_max of the probed weights
+
+
+def probe_tensor(rows=20000, shape3d=False):
+    """Every row: w_max = 1 at column 0, then +LEVELS, then -LEVELS."""
+    w = torch.zeros(rows, 1 + 2 * len(LEVELS))
+    w[:, 0] = 1.0
+    w[:, 1:1 + len(LEVELS)] = torch.tensor(LEVELS)
+    w[:, 1 + len(LEVELS):] = -torch.tensor(LEVELS)
+    return w.view(8, rows // 8, -1).clone() if shape3d else w
+
+
+def halfnormal_var(s):
+    """Variance of max(N(0, s^2), 0): the 'off' device of a pair clipped at 0."""
+    return s**2 * (0.5 - 1 / (2 * math.pi))
+
+
+def test_same_seed_bit_identical_different_seed_differs():
+    torch.manual_seed(0)
+    a = torch.randn(16, 64, 48)
+    b = torch.randn(40, 48, dtype=torch.bfloat16)
+    aw = AnalogWeights([("e", "routed_experts", a), ("l", "attention", b)], PCM, tile_rows=16, levels=64)
+    aw.apply(3)
+    a1, b1 = a.clone(), b.clone()
+    aw.apply(3)
+    assert torch.equal(a, a1) and torch.equal(b, b1)
+    aw.apply(4)
+    assert not torch.equal(a, a1) and not torch.equal(b, b1)
+    assert b.dtype == torch.bfloat16
+    aw.restore()
+    assert torch.equal(a, aw.clean("e")) and torch.equal(b, aw.clean("l"))
+    assert tensor_seed(3, "e") != tensor_seed(3, "l") != tensor_seed(4, "l")
+
+
+def test_noise_of_a_tensor_does_not_depend_on_the_others():
+    torch.manual_seed(1)
+    a, b = torch.randn(32, 32), torch.randn(32, 32)
+    AnalogWeights([("a", "attention", a)], PCM).apply(7)
+    only_a = a.clone()
+    torch.manual_seed(1)
+    a, b = torch.randn(32, 32), torch.randn(32, 32)
+    AnalogWeights([("b", "router", b), ("a", "attention", a)], PCM).apply(7)
+    assert torch.equal(a, only_a)
+
+
+def test_untouched_tensors_and_kinds_filter():
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.Linear(32, 8))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(48, 24)
+    aw = AnalogWeights([("0", "attention", net[0].weight), ("x", "router", x)], gaussian(0.1))
+    x0 = x.clone()
+    aw.apply(0)
+    assert not torch.equal(net[0].weight, before["0.weight"]) and not torch.equal(x, x0)
+    for k in ("0.bias", "1.weight", "1.bias"):
+        assert torch.equal(net.state_dict()[k], before[k])
+    aw.apply(0, kinds=["router"])  # attention stays clean
+    assert torch.equal(net[0].weight, before["0.weight"]) and not torch.equal(x, x0)
+    aw.restore()
+    assert torch.equal(net[0].weight, before["0.weight"]) and torch.equal(x, x0)
+    assert aw.param_counts() == {"attention": 32 * 24, "router": 48 * 24}
+    assert aw.weight_bytes() == 4 * (32 * 24 + 48 * 24)
+
+
+@pytest.mark.parametrize("shape3d", [False, True])
+def test_programming_noise_std_matches_model(shape3d):
+    w = probe_tensor(shape3d=shape3d)
+    aw = AnalogWeights([("w", "routed_experts", w)], PROG_ONLY)
+    aw.apply(11)
+    d = (w - aw.clean("w")).reshape(-1, w.shape[-1])
+    off = halfnormal_var(float(PROG_ONLY.prog_sigma(torch.tensor(0.0))))
+    for j, x in enumerate(LEVELS):
+        s = float(PROG_ONLY.prog_sigma(torch.tensor(x * 25.0)))
+        expected = math.sqrt(s**2 + off) / 25.0  # w_max = 1, g_max = 25
+        for col in (1 + j, 1 + len(LEVELS) + j):  # positive (G+) and negative (G-) weights
+            assert abs(float(d[:, col].std()) / expected - 1) < 0.05, (x, col)
+
+
+def test_programming_plus_read_noise_std_matches_model():
+    read = {"law": "table", "g_uS": [0.0, 25.0], "t_s": [1.0], "sigma_uS": [[0.2, 0.6]]}
+    nm = NoiseModel(name="pr", kind="json", g_max=25.0, prog_coeffs=[0.3, 0.5], clip_at_zero=False,
+                    read=read, t0=1.0)
+    w = probe_tensor()
+    AnalogWeights([("w", "attention", w)], nm).apply(5, scale=2.0, t_inference_s=10.0)
+    d = w - probe_tensor()
+    for j, x in enumerate(LEVELS):
+        g = torch.tensor(x * 25.0)
+        var = sum(float(f(v)) ** 2 for f in (nm.prog_sigma, lambda v: nm.read_sigma(v, 10.0))
+                  for v in (g, torch.tensor(0.0)))
+        expected = 2.0 * math.sqrt(var) / 25.0
+        assert abs(float(d[:, 1 + j].std()) / expected - 1) < 0.05
+
+
+def test_gaussian_fraction_is_std_over_row_wmax_per_tile():
+    torch.manual_seed(3)
+    w = torch.randn(4, 2000, 16)
+    w[:, :, :8] *= 10.0  # tile 0 has a 10x larger abs-max than tile 1
+    w[1] *= 0.01  # expert 1 is 100x smaller
+    clean = w.clone()
+    AnalogWeights([("e", "routed_experts", w)], gaussian(0.05), tile_rows=8).apply(0)
+    d = w - clean
+    for e in range(4):
+        for sl in (slice(0, 8), slice(8, 16)):
+            wmax = clean[e, :, sl].abs().amax(-1, keepdim=True)
+            ratio = float((d[e, :, sl] / wmax).std())
+            assert abs(ratio / 0.05 - 1) < 0.05, (e, sl, ratio)
+    # without tiles, the row abs-max (from tile 0) sets the noise of tile 1 too
+    w2 = clean.clone()
+    AnalogWeights([("e", "routed_experts", w2)], gaussian(0.05)).apply(0)
+    rowmax = clean.abs().amax(-1, keepdim=True)
+    assert abs(float(((w2 - clean) / rowmax)[..., 8:].std()) / 0.05 - 1) < 0.05
+
+
+def test_quantisation_levels_and_zero_rows():
+    torch.manual_seed(4)
+    w = torch.randn(64, 40)
+    w[3] = 0.0
+    clean = w.clone()
+    AnalogWeights([("w", "attention", w)], gaussian(0.0), levels=3).apply(0)
+    q = w / clean.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    allowed = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0])
+    assert torch.allclose(q[torch.arange(64) != 3].unsqueeze(-1).sub(allowed).abs().amin(-1),
+                          torch.zeros(63, 40), atol=1e-6)
+    assert torch.equal(w[3], torch.zeros(40))
+
+
+def test_drift_mean_and_global_compensation():
+    w = probe_tensor(4000)
+    clean = w.clone()
+    aw = AnalogWeights([("w", "routed_experts", w)], PCM)
+    t = 3600.0
+    aw.apply(0, scale=0.0, t_inference_s=t, drift_compensation=False)  # mean drift only
+    mean_nu, _ = PCM.drift_nu(torch.tensor(LEVELS) * 25.0)
+    assert torch.allclose(w[0, 1:1 + len(LEVELS)], torch.tensor(LEVELS) * (t / 20.0) ** (-mean_nu), rtol=1e-5)
+    assert torch.allclose(w[0, 0], torch.tensor((t / 20.0) ** (-0.049)), rtol=1e-5)
+    aw.apply(0, scale=0.0, t_inference_s=t, drift_compensation=True)
+    assert abs(float(w.abs().sum() / clean.abs().sum()) - 1) < 1e-5  # mean |G| restored
+    aw.apply(0, scale=0.0, t_inference_s=10.0, drift_compensation=False)  # t < t0: no drift
+    assert torch.allclose(w, clean, atol=1e-6)
+    aw.apply(0, scale=1.0, t_inference_s=t)
+    assert abs(float(w.abs().sum() / clean.abs().sum()) - 1) < 0.01
+
+
+def test_edit_replaces_a_slot_with_a_fresh_draw():
+    torch.manual_seed(5)
+    e = torch.randn(4, 32, 16)
+    aw = AnalogWeights([("experts", "routed_experts", e)], gaussian(0.05))
+
+    def edit(name, kind, t):
+        t[2].copy_(aw.clean(name)[0])
+
+    aw.apply(9, scale=0.0, edit=edit)
+    assert torch.allclose(e[2], aw.clean("experts")[0], atol=1e-6)
+    aw.apply(9, edit=edit)
+    n0 = e[0] - aw.clean("experts")[0]
+    n2 = e[2] - aw.clean("experts")[0]
+    assert not torch.allclose(n0, n2)
+    aw.apply(9, edit=edit, kinds=[])  # edit without noise
+    assert torch.equal(e[2], aw.clean("experts")[0]) and torch.equal(e[1], aw.clean("experts")[1])
+    aw.restore()
+    assert torch.equal(e, aw.clean("experts"))
+
+
+def test_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="2 dims"):
+        AnalogWeights([("b", "attention", torch.zeros(4))], PCM)
+    with pytest.raises(ValueError, match="duplicate"):
+        AnalogWeights([("a", "x", torch.zeros(2, 2)), ("a", "x", torch.zeros(2, 2))], PCM)
+    aw = AnalogWeights([("a", "x", torch.zeros(2, 2))], PCM)
+    with pytest.raises(ValueError, match="scale"):
+        aw.apply(0, scale=-1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_pinned_copy_and_determinism():
+    w = torch.randn(8, 256, 128, device="cuda", dtype=torch.bfloat16)
+    clean = w.clone()
+    aw = AnalogWeights([("e", "routed_experts", w)], PCM, tile_rows=64)
+    assert aw.clean("e").is_pinned() and aw.clean("e").device.type == "cpu"
+    aw.apply(1)
+    w1 = w.clone()
+    aw.apply(1)
+    assert torch.equal(w, w1)
+    aw.restore()
+    assert torch.equal(w, clean)
