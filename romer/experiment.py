@@ -69,7 +69,7 @@ class Experiment:
     def set_state(self, seed=None, plan=None, scale=None, t_inference_s=None, kinds=None):
         """Clean (seed None) or noisy weights, optionally with a replacement plan programmed in."""
         n = self.params.noise
-        edit = weight_edit(plan, self.weights.clean_lookup) if plan and plan["replaced"] else None
+        edit = weight_edit(plan, self.weights.clean) if plan and plan["replaced"] else None
         if seed is None and edit is None:
             self.weights.restore()
             return

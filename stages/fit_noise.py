@@ -9,7 +9,8 @@ outs:   noise/noise_model.json      full model JSON (tabulated curves + parametr
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Repo root instead of stages/ on the path: stages/profile.py would shadow the stdlib `profile`.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from romer.errors import exit_on_user_error  # noqa: E402
 from romer.io import atomic_path, write_json  # noqa: E402

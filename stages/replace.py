@@ -3,7 +3,8 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Repo root instead of stages/ on the path: stages/profile.py would shadow the stdlib `profile`.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from romer.errors import exit_on_user_error  # noqa: E402
 from romer.params import load_params  # noqa: E402

@@ -1,0 +1,179 @@
+"""Cost of the evaluation path against a plain transformers forward pass, in one process.
+
+Measures on the same model and the same tokens:
+  (a) a plain forward loop (no hooks, no noise): tokens/s;
+  (b) the project's evaluation path for one method (ROMER: noise applied, replacement routing and
+      percentile calibration hooks active, next-token NLL and the routing recorder): tokens/s;
+  (c) one noise pass plus one restore of the clean weights: seconds.
+Warm-up, then the median of --repeats. With --json the last line is one JSON object.
+
+  python benchmarks/eval_overhead.py                       # builtin model if trained, else tiny random
+  python benchmarks/eval_overhead.py --device cuda --shape olmoe-1b-7b --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from romer.adapters import analog_tensors, get_adapter  # noqa: E402
+from romer.calibration import make_transform  # noqa: E402
+from romer.cim import AnalogWeights  # noqa: E402
+from romer.evaluation import nll_pass  # noqa: E402
+from romer.experiment import Experiment  # noqa: E402
+from romer.noise_models import resolve_noise_model  # noqa: E402
+from romer.params import ANALOG_KINDS, load_params  # noqa: E402
+from romer.replacement import make_plan, routing_fns, weight_edit  # noqa: E402
+from romer.routing import Recorder  # noqa: E402
+from romer.calibration import compose  # noqa: E402
+
+SHAPES = {
+    # OLMoE-1B-7B (allenai/OLMoE-1B-7B-0924): 16 layers, 64 experts top-8, hidden 2048, expert FFN 1024.
+    "olmoe-1b-7b": dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+                        num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+                        max_position_embeddings=4096, norm_topk_prob=False, clip_qkv=None),
+    "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
+                 max_position_embeddings=512),
+}
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def build_random(shape, device, dtype):
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    cfg = OlmoeConfig(**SHAPES[shape], experts_implementation="grouped_mm")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = OlmoeForCausalLM(cfg).to(dtype)
+    for n, p in model.named_parameters():  # init is slow for 7B on CPU; plain normal is enough
+        if n.endswith("mlp.gate.weight"):
+            p.data.normal_(0, 1.0 / p.shape[1] ** 0.5)
+    return model.eval()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--shape", default=None, choices=list(SHAPES), help="random model of this shape (default: builtin)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batches", type=int, default=4, help="batches per timed pass")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--noise", default="pcm-joshi2020")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    params = load_params() if Path("params.yaml").exists() else None
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    noise_model = resolve_noise_model(args.noise, 2)
+    use_builtin = args.shape is None and Path("models/model/config.json").exists() and params is not None
+    if use_builtin:
+        params.model.device = args.device
+        exp = Experiment(params, noise_model=noise_model)
+        model, vocab, label = exp.model, exp.model.config.vocab_size, "builtin"
+    else:
+        shape = args.shape or "tiny"
+        model, vocab, label = build_random(shape, args.device, dtype), SHAPES[shape]["vocab_size"], shape
+    # The eval set one evaluation pass covers: the builtin test split, else WikiText-2 test (~0.29M tokens).
+    if use_builtin:
+        e = params.eval
+        eval_set_tokens = exp.windows(e.dataset, e.seq_len, max_tokens=e.max_tokens).numel()
+    else:
+        eval_set_tokens = 290_000
+    adapter = get_adapter(model)
+    blocks = adapter.blocks(model)
+    E = adapter.num_experts(blocks[0])
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    n_tokens = args.batch * args.seq_len * args.batches
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, vocab, (args.batch * args.batches, args.seq_len), generator=g)
+
+    # (a) plain forward loop
+    def plain():
+        with torch.no_grad():
+            for i in range(0, windows.shape[0], args.batch):
+                model(windows[i:i + args.batch].to(args.device), use_cache=False)
+
+    t_plain = timed(plain, args.device, args.repeats)
+
+    # (c) noise pass + restore (the clean copy lives on the CPU, pinned on CUDA)
+    t0 = time.perf_counter()
+    weights = AnalogWeights(analog_tensors(model, adapter, ANALOG_KINDS), noise_model)
+    t_setup = time.perf_counter() - t0
+    plan = make_plan({b.layer: torch.linspace(0.001, 2, E).softmax(0).tolist() for b in blocks}, 0.25, 2, "copy_router")
+    edit = weight_edit(plan)
+    t_noise = timed(lambda: weights.apply(seed=1, scale=1.0, t_inference_s=25.0, edit=edit), args.device, args.repeats)
+    t_restore = timed(weights.restore, args.device, args.repeats)
+
+    # (b) evaluation path: ROMER state + hooks + NLL + routing recorder
+    weights.apply(seed=1, scale=1.0, t_inference_s=25.0, edit=edit)
+    fns = {b.layer: routing_fns([(p["slot"], p["source"]) for p in plan["layers"][str(b.layer)]], "copy_router", E)
+           for b in blocks}
+    a, b_ = torch.ones(E, dtype=torch.float64) * 1.01, torch.zeros(E, dtype=torch.float64)
+    rplan = {b.layer: compose(make_transform(a, b_), *fns[b.layer]) for b in blocks}
+
+    def eval_path():
+        nll_pass(model, adapter, windows, args.batch, args.device, rplan, Recorder(indices=True))
+
+    t_eval = timed(eval_path, args.device, args.repeats)
+    weights.restore()
+
+    res = {
+        "model": label,
+        "device": args.device,
+        "dtype": str(dtype).replace("torch.", ""),
+        "tokens_per_pass": n_tokens,
+        "weight_bytes": weight_bytes,
+        "analog_params": sum(t.numel() for _, _, t in analog_tensors(model, adapter, ANALOG_KINDS)),
+        "forward_tokens_per_s": n_tokens / t_plain,
+        "eval_tokens_per_s": n_tokens / t_eval,
+        "eval_vs_forward_ratio": t_plain / t_eval,
+        "noise_pass_s": t_noise,
+        "restore_s": t_restore,
+        "clean_copy_setup_s": t_setup,
+        "eval_set_tokens": eval_set_tokens,
+        "eval_set_pass_s": eval_set_tokens * t_eval / n_tokens,
+        "noise_pass_vs_eval_ratio": (t_noise + t_restore) / (eval_set_tokens * t_eval / n_tokens),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "weight_mib": weight_bytes / 2**20,
+    }
+    if args.device == "cuda":
+        res["peak_device_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        res["gpu"] = torch.cuda.get_device_name()
+    for k, v in res.items():
+        if not args.json:
+            print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
+    if args.json:
+        print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
