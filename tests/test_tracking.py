@@ -1,0 +1,214 @@
+"""MLflow logging of an evaluation run (romer.tracking), against a real local `mlflow server`."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from romer.cli import main as cli_main
+from romer.params import Params, flatten
+from romer.tracking import log_run, metrics_from_eval
+
+
+def mci(values):
+    m = sum(values) / len(values)
+    return {"mean": m, "std": 0.5, "ci95": [m - 1.0, m + 1.0], "per_seed": list(values)}
+
+
+EVAL = {
+    "model": "builtin", "dataset": "builtin-test", "tokens": 4096, "seq_len": 256, "seeds": [0, 1, 2],
+    "noise": {"source": "data/chip/pcm_sample.csv", "scale": 1.0},
+    "ppl": {"clean": 20.0, "noisy": mci([40.0, 42.0, 44.0]), "replace_only": mci([35.0, 36.0, 37.0]),
+            "calibrate_only": mci([30.0, 31.0, 32.0]), "romer": mci([25.0, 26.0, 27.0])},
+    "ppl_reduction_pct": 38.1, "ppl_reduction_ci95": [35.0, 41.2],
+    "load_balance": {"clean": {"cv": 0.3, "maxvio": 0.8, "underactivated_frac": 0.0, "routing_agreement": 1.0},
+                     "noisy": {"cv": 0.9, "maxvio": 2.5, "underactivated_frac": 0.2, "routing_agreement": 0.6},
+                     "romer": {"cv": 0.5, "maxvio": 1.2, "underactivated_frac": 0.05, "routing_agreement": 0.8}},
+    "tasks": {"builtin_cloze": {"metric": "acc", "n_items": 200, "clean": 0.5, "noisy": mci([0.3, 0.32, 0.34]),
+                                "romer": mci([0.4, 0.42, 0.44])}},
+}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url, endpoint, **query):
+    q = "?" + urllib.parse.urlencode(query) if query else ""
+    with urllib.request.urlopen(f"{url}{endpoint}{q}", timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`mlflow server` on 127.0.0.1 with a temporary sqlite store, in its own process group."""
+    tmp = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no job-runner processes
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp / 'm.db'}",
+         "--default-artifact-root", str(tmp / "art"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).read()
+                break
+            except Exception:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"mlflow server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A run directory holding the artifacts `evaluate` leaves behind."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "noise").mkdir()
+    (tmp_path / "noise" / "noise_model.json").write_text('{"format": "romer-noise-model/1"}\n')
+    (tmp_path / "metrics" / "plots").mkdir(parents=True)
+    (tmp_path / "metrics" / "replacement_plan.json").write_text('{"replaced": 0, "layers": {}}\n')
+    (tmp_path / "metrics" / "plots" / "ppl.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    return tmp_path
+
+
+def test_metrics_flattened_with_dots():
+    m = metrics_from_eval(EVAL)
+    assert m["ppl.romer.mean"] == 26.0
+    assert m["ppl.noisy.ci95.lo"] == 41.0 and m["ppl.noisy.ci95.hi"] == 43.0
+    assert m["ppl.noisy.per_seed.seed2"] == 44.0
+    assert m["ppl_reduction_ci95.hi"] == 41.2
+    assert m["load_balance.romer.cv"] == 0.5
+    assert m["tasks.builtin_cloze.romer.mean"] == pytest.approx(0.42)
+    assert "tasks.builtin_cloze.metric" not in m  # strings are not metrics
+
+
+def test_log_run_reads_back_through_rest_api(server, workdir):
+    params = Params(mlflow={"tracking_uri": server, "experiment": "romer-test"}, noise={"scale": 1.5})
+    run_id = log_run(params, EVAL, extra_metrics={"wall_time_s": 12.5})
+    assert run_id
+
+    run = get(server, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]
+    assert run["info"]["status"] == "FINISHED"
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    params_ = {p["key"]: p["value"] for p in run["data"]["params"]}
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert metrics["ppl.romer.mean"] == 26.0
+    assert metrics["ppl.clean"] == 20.0
+    assert metrics["ppl_reduction_pct"] == 38.1
+    assert metrics["tasks.builtin_cloze.clean"] == 0.5
+    assert metrics["wall_time_s"] == 12.5
+    assert params_["noise.scale"] == "1.5"
+    assert params_["calibrate.percentiles"] == "[5.0, 95.0]"
+    assert params_["model.revision"] == "null"
+    assert set(params_) == set(flatten(params.model_dump(mode="json")))  # every key of params.yaml
+    assert tags["model"] == "builtin"
+    assert tags["noise_source"] == "data/chip/pcm_sample.csv"
+    assert tags["git_commit"] == "unknown"  # the run directory is not a git checkout
+    assert tags["git_dirty"] == "unknown"
+    assert tags["dataset"] == "builtin-test"
+
+    def listing(path=None):
+        q = {"run_id": run_id, **({"path": path} if path else {})}
+        return {f["path"] for f in get(server, "/api/2.0/mlflow/artifacts/list", **q).get("files", [])}
+
+    top = listing()
+    assert {"noise_model.json", "replacement_plan.json", "plots"} <= top
+    assert listing("plots") == {"plots/ppl.png"}
+
+
+def test_git_tags_in_a_checkout():
+    from romer.tracking import git_commit, git_dirty
+
+    here = Path(__file__).parent
+    cwd = os.getcwd()
+    os.chdir(here)
+    try:
+        assert len(git_commit()) == 40 and git_dirty() in ("true", "false")
+    finally:
+        os.chdir(cwd)
+
+
+def test_log_run_to_local_sqlite(workdir):
+    """The default params (sqlite:///mlflow.db in the run directory) need no server."""
+    import mlflow
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    run_id = log_run(Params(mlflow={"tracking_uri": uri}), EVAL)
+    run = mlflow.MlflowClient(uri).get_run(run_id)
+    assert run.data.metrics["ppl.romer.mean"] == 26.0
+    assert run.data.tags["noise_source"] == "data/chip/pcm_sample.csv"
+    assert "noise_model.json" in {a.path for a in mlflow.MlflowClient(uri).list_artifacts(run_id)}
+
+
+def write_run_dir(tmp, uri, experiment="romer-cli"):
+    (tmp / "params.yaml").write_text(yaml.safe_dump({"mlflow": {"tracking_uri": uri, "experiment": experiment}}))
+    (tmp / "metrics").mkdir(exist_ok=True)
+    (tmp / "metrics" / "eval.json").write_text(json.dumps(EVAL))
+
+
+def test_mlflow_log_command_logs_committed_metrics(server, workdir, capsys):
+    write_run_dir(workdir, server)
+    assert cli_main(["mlflow-log"]) == 0
+    out = capsys.readouterr().out
+    run_id = out.split("logged run ")[1].split()[0]
+    run = get(server, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]
+    assert {m["key"]: m["value"] for m in run["data"]["metrics"]}["ppl.noisy.mean"] == 42.0
+
+
+def test_unreachable_server_warns_and_returns_none(capsys):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    t0 = time.time()
+    assert log_run(Params(mlflow={"tracking_uri": uri}), EVAL) is None
+    assert time.time() - t0 < 15
+    err = capsys.readouterr().err
+    assert "warning: MLflow logging to " + uri in err and "romer mlflow-log" in err
+
+
+def test_disabled_logs_nothing():
+    assert log_run(Params(mlflow={"tracking_uri": "http://127.0.0.1:1", "enabled": False}), EVAL) is None
+
+
+def test_mlflow_log_command_unreachable_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    uri = f"http://127.0.0.1:{free_port()}"
+    write_run_dir(tmp_path, uri)
+    t0 = time.time()
+    assert cli_main(["mlflow-log"]) == 2
+    assert time.time() - t0 < 15
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot log to MLflow at " + uri) and "not reachable" in err
+    assert "Traceback" not in err
+
+
+def test_mlflow_log_command_without_metrics_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("mlflow: {tracking_uri: 'http://127.0.0.1:1'}\n")
+    assert cli_main(["mlflow-log"]) == 2
+    assert "metrics/eval.json not found" in capsys.readouterr().err
