@@ -38,6 +38,8 @@ import torch.nn.functional as F
 
 from .noise_models import NoiseModel
 
+CHUNK_ELEMENTS = 1 << 26  # weights per block: fused tensors go through in blocks of whole matrices
+
 
 def tensor_seed(seed: int, name: str) -> int:
     """Per-tensor generator seed derived from (seed, name); stable across runs and processes."""
@@ -136,22 +138,45 @@ class AnalogWeights:
             self.restore()
 
     def _add_noise_(self, t: torch.Tensor, gen: torch.Generator, scale: float, t_inf: float, comp: bool):
-        nm = self.noise_model
-        g_max = float(nm.g_max)
         shape = t.shape
         n_in, n_out = shape[-1], shape[-2]
         M = t.numel() // (n_in * n_out)
+        view = t.view(M, n_out, n_in) if t.is_contiguous() else None
+        src = view if view is not None else t.detach().reshape(M, n_out, n_in)
+        per = max(1, CHUNK_ELEMENTS // (n_in * n_out))  # whole matrices per chunk (bounds memory)
+        if per >= M:
+            out = self._noisy_block(src, gen, scale, t_inf, comp)
+            t.copy_(out.reshape(shape))
+            return
+        outs = []
+        for m0 in range(0, M, per):
+            out = self._noisy_block(src[m0:m0 + per], gen, scale, t_inf, comp)
+            if view is not None:
+                view[m0:m0 + per].copy_(out)
+            else:
+                outs.append(out.to(t.dtype))
+        if view is None:
+            t.copy_(torch.cat(outs).reshape(shape))
+
+    def _noisy_block(self, w_in: torch.Tensor, gen: torch.Generator, scale: float, t_inf: float, comp: bool):
+        """Noisy float32 copy of a block of whole matrices [m, out, in]."""
+        nm = self.noise_model
+        g_max = float(nm.g_max)
+        m, n_out, n_in = w_in.shape
         T = self.tile_rows or n_in
         nt = -(-n_in // T)
-        w = t.detach().reshape(M, n_out, n_in).to(torch.float32, copy=True)
+        w = w_in.to(torch.float32, copy=True)
         if nt * T != n_in:
             w = F.pad(w, (0, nt * T - n_in))
-        w = w.view(M, n_out, nt, T)
-        w_max = w.abs().amax(-1, keepdim=True)  # [M, out, nt, 1]
+        w = w.view(m, n_out, nt, T)
+        lo, hi = torch.aminmax(w, dim=-1, keepdim=True)
+        w_max = torch.maximum(hi, lo.neg_())  # [m, out, nt, 1]
         k = torch.where(w_max > 0, g_max / w_max, torch.zeros_like(w_max))
 
         # target conductances of the pair, stacked: g[0] = G+, g[1] = G-
-        g = torch.stack([w.clamp(min=0), w.neg_().clamp_(min=0)])
+        g = torch.empty((2,) + w.shape, dtype=torch.float32, device=w.device)
+        torch.clamp(w, min=0, out=g[0])
+        torch.clamp(w.neg_(), min=0, out=g[1])
         del w
         g.mul_(k)
         if self.levels is not None:
@@ -162,22 +187,21 @@ class AnalogWeights:
             return torch.randn(g.shape, generator=gen, device=g.device, dtype=torch.float32)
 
         # programming noise
-        g_prog = randn().mul_(nm.prog_sigma(g)).mul_(scale).add_(g)
+        g_prog = torch.addcmul(g, randn(), nm.prog_sigma(g), value=scale)
         if nm.clip_at_zero:
             g_prog.clamp_(min=0)
         g_now = g_prog
         drifted = False
         if nm.has_drift:
             mean, std = nm.drift_nu(g)
-            nu = randn().mul_(std).mul_(scale).add_(mean)
+            nu = torch.addcmul(mean, randn(), std, value=scale)
             del mean, std
             if t_inf > nm.t0:
                 drifted = True
-                g_now = nu.mul_(-math.log(t_inf / nm.t0)).exp_().mul_(g_prog)
+                g_now = torch.pow(nm.t0 / t_inf, nu, out=nu).mul_(g_prog)  # g_prog * (t/t0)^(-nu)
             del nu
         if nm.has_read_noise:
-            read = randn().mul_(nm.read_sigma(g, t_inf)).mul_(scale)
-            g_now = read.add_(g_now)
+            g_now = torch.addcmul(g_now, randn(), nm.read_sigma(g, t_inf), value=scale)
             if nm.clip_at_zero:
                 g_now.clamp_(min=0)
         del g
@@ -186,11 +210,8 @@ class AnalogWeights:
             dims = (0, 2, 4)  # both devices, all rows, all inputs of a tile
             num = g_prog.sum(dim=dims, keepdim=True, dtype=torch.float64)
             den = g_now.sum(dim=dims, keepdim=True, dtype=torch.float64)
-            alpha = torch.where(den > 0, num / den, torch.ones_like(den)).to(torch.float32)[0]  # [M,1,nt,1]
+            alpha = torch.where(den > 0, num / den, torch.ones_like(den)).to(torch.float32)[0]  # [m,1,nt,1]
         del g_prog
         out = g_now[0].sub_(g_now[1])
-        out.mul_(w_max / g_max)
-        if alpha is not None:
-            out.mul_(alpha)
-        out = out.reshape(M, n_out, nt * T)[..., :n_in]
-        t.copy_(out.reshape(shape))
+        out.mul_(w_max.mul_(1.0 / g_max) if alpha is None else w_max.mul_(alpha).mul_(1.0 / g_max))
+        return out.reshape(m, n_out, nt * T)[..., :n_in]

@@ -40,9 +40,12 @@ GAUSSIAN_DEFAULT_FRACTION = 0.05
 
 def poly_eval(coeffs, x):
     """sum_k coeffs[k] * x**k (Horner), x a tensor."""
-    out = torch.full_like(x, float(coeffs[-1]))
-    for c in reversed(coeffs[:-1]):
-        out = out * x + float(c)
+    if len(coeffs) == 1:
+        return torch.full_like(x, float(coeffs[0]))
+    out = x * float(coeffs[-1])
+    out.add_(float(coeffs[-2]))
+    for c in reversed(coeffs[:-2]):
+        out.mul_(x).add_(float(c))
     return out
 
 
@@ -104,8 +107,8 @@ class NoiseModel:
 
     # --- programming noise
     def prog_sigma(self, g: torch.Tensor) -> torch.Tensor:
-        if self.prog_coeffs is not None:
-            s = poly_eval(self.prog_coeffs, g / self.g_max)
+        if self.prog_coeffs is not None:  # in powers of g (not g/g_max): one pass fewer
+            s = poly_eval([c / self.g_max**k for k, c in enumerate(self.prog_coeffs)], g)
         else:
             s = interp(g, *self.prog_table)
         return s.clamp_min(0)
@@ -138,10 +141,13 @@ class NoiseModel:
             return torch.zeros_like(g)
         if self.read["law"] == "pcm":
             t_read = self.read.get("t_read_s", 250e-9)
-            q_s = (0.0088 / (g.abs() / self.g_max).clamp_min(1e-3) ** 0.65).clamp_max(0.2)
-            mean_nu, _ = self.drift_nu(g)
-            g_drift = g * ((t_s / self.t0) ** (-mean_nu)) if (self.has_drift and t_s > self.t0) else g
-            return g_drift.abs() * q_s * math.sqrt(math.log((t_s + t_read) / (2 * t_read)))
+            # |g_drift| * Q_s * sqrt(ln((t + t_read) / (2 t_read))), Q_s = min(0.0088 / x^0.65, 0.2)
+            out = g.abs().clamp_min_(1e-3 * self.g_max).pow_(-0.65).mul_(0.0088 * self.g_max**0.65).clamp_max_(0.2)
+            out.mul_(g.abs()).mul_(math.sqrt(math.log((t_s + t_read) / (2 * t_read))))
+            if self.has_drift and t_s > self.t0:
+                mean_nu = self.drift_nu(g)[0]
+                out.mul_(torch.pow(self.t0 / t_s, mean_nu))
+            return out
         row = _interp_rows_log_t(self.read["t_s"], self.read["sigma_uS"], t_s)
         return interp(g, self.read["g_uS"], row).clamp_min(0)
 

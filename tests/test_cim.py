@@ -173,6 +173,34 @@ def test_edit_replaces_a_slot_with_a_fresh_draw():
     assert torch.equal(e, aw.clean("experts"))
 
 
+def test_blocks_of_matrices_and_non_contiguous_tensors(monkeypatch):
+    import romer.cim as cim
+
+    monkeypatch.setattr(cim, "CHUNK_ELEMENTS", 1000)  # one [20, 30] matrix per block
+    torch.manual_seed(6)
+    e = torch.randn(8, 20, 30)
+    aw = AnalogWeights([("e", "routed_experts", e)], PCM, tile_rows=7)
+    aw.apply(1, t_inference_s=1e4)
+    e1 = e.clone()
+    aw.apply(1, t_inference_s=1e4)
+    assert torch.equal(e, e1) and not torch.equal(e, aw.clean("e"))
+    w = torch.randn(3000, 12).t()  # [12, 3000], not contiguous: written back through a copy
+    clean = w.clone()
+    AnalogWeights([("t", "attention", w)], gaussian(0.05)).apply(2)
+    assert not w.is_contiguous()
+    assert abs(float(((w - clean) / clean.abs().amax(-1, keepdim=True)).std()) / 0.05 - 1) < 0.05
+    f = torch.randn(40, 30, 20).transpose(1, 2)  # fused, not contiguous, in blocks
+    clean = f.clone()
+    aw = AnalogWeights([("f", "routed_experts", f)], gaussian(0.05))
+    aw.apply(3)
+    f1 = f.clone()
+    assert abs(float(((f - clean) / clean.abs().amax(-1, keepdim=True)).std()) / 0.05 - 1) < 0.05
+    aw.apply(3)
+    assert torch.equal(f, f1)
+    aw.restore()
+    assert torch.equal(f, clean)
+
+
 def test_rejects_bad_inputs():
     with pytest.raises(ValueError, match="2 dims"):
         AnalogWeights([("b", "attention", torch.zeros(4))], PCM)
