@@ -99,6 +99,35 @@ def _read_noise(m: Measurements, dev):
     return out
 
 
+MAX_CENSORED = 0.8  # a level with more of its devices read as 0 than this is left out of the sigma fit
+
+
+def _censored_normal(x, c, cens):
+    """MLE (mean, std) of a normal sample left-censored at c (cens: x <= c was clipped to c)."""
+    import torch
+
+    xu = torch.as_tensor(x[~cens], dtype=torch.float64)
+    cc = torch.as_tensor(c[cens], dtype=torch.float64)
+    sd0 = float(np.std(x[~cens], ddof=1)) if (~cens).sum() > 1 else 1.0
+    sd0 = sd0 if sd0 > 0 else 1.0
+    mu0 = float(np.mean(x))
+    p = torch.zeros(2, dtype=torch.float64, requires_grad=True)  # (mu - mu0)/sd0, log(sd/sd0)
+    opt = torch.optim.LBFGS([p], max_iter=200, tolerance_grad=1e-10, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        mu, sd = mu0 + sd0 * p[0], sd0 * p[1].exp()
+        z = (xu - mu) / sd
+        nll = 0.5 * (z * z).sum() + len(xu) * torch.log(sd) - torch.special.log_ndtr((cc - mu) / sd).sum()
+        nll.backward()
+        return nll
+
+    opt.step(closure)
+    p = p.detach()
+    return mu0 + sd0 * float(p[0]), sd0 * math.exp(float(p[1]))
+
+
 def _programming(m: Measurements, dev, read):
     """Per level at its earliest read: offset, total std, programming sigma, n devices."""
     early = m.earliest_mask()
@@ -107,6 +136,7 @@ def _programming(m: Measurements, dev, read):
     gi, ng = _group(dev[early], m.level[early])
     cnt = np.bincount(gi, minlength=ng)
     dmean = np.bincount(gi, weights=r[early], minlength=ng) / cnt
+    dtarget = np.bincount(gi, weights=m.g_target[early], minlength=ng) / cnt
     d_level = np.zeros(ng, dtype=np.int64)
     d_level[gi] = m.level[early]
     t_early = np.zeros(L)
@@ -119,6 +149,15 @@ def _programming(m: Measurements, dev, read):
         dm, n_reads = dmean[sel], cnt[sel]
         rl = r[early][m.level[early] == lv]
         var_between = float(np.var(dm, ddof=1))
+        offset = float(rl.mean())
+        # devices read as 0: conductances clipped at 0 (censored); fit a censored normal instead
+        floor = -dtarget[sel]
+        cens = dm <= floor + 1e-12
+        p0 = float(cens.mean())
+        if 0 < p0 <= MAX_CENSORED:
+            mu, sd = _censored_normal(dm, floor, cens)
+            n = len(dm)
+            var_between, offset = sd * sd * n / max(n - 1, 1), mu
         rv = read.get((lv, float(t_early[lv]))) if m.t_s is not None else read.get((lv, 0.0))
         sub = 0.0
         if rv is not None:
@@ -129,11 +168,13 @@ def _programming(m: Measurements, dev, read):
             "t_s": float(t_early[lv]) if m.t_s is not None else None,
             "n_devices": int(sel.sum()),
             "n_rows": int(len(rl)),
-            "offset_uS": float(rl.mean()),
+            "offset_uS": offset,
             "std_uS": float(np.std(rl, ddof=1)),
             "device_std_uS": math.sqrt(var_between),
             "sigma_prog_uS": math.sqrt(max(var_between - sub, 0.0)),
             "read_sigma_uS": math.sqrt(rv[0]) if rv is not None else None,
+            "censored_frac": p0,
+            "in_fit": p0 <= MAX_CENSORED,
             "_read_var_share": sub,
             "_read_dof": rv[2] if rv is not None else 1,
         })
@@ -250,13 +291,18 @@ def fit_noise(measurements: Measurements, degree: int = 2, source: str | None = 
     levels, read_used = _programming(m, dev, read)
 
     lg = np.array([lv["g_uS"] for lv in levels])
+    use = np.array([lv["in_fit"] for lv in levels])
     sig = np.array([lv["sigma_prog_uS"] for lv in levels])
-    ndev = np.array([lv["n_devices"] for lv in levels])
+    n_eff = np.array([lv["n_devices"] * (1 - lv["censored_frac"]) for lv in levels])
     a = np.array([lv["_read_var_share"] for lv in levels])
     dof_a = np.array([lv["_read_dof"] for lv in levels])
     for lv in levels:
         del lv["_read_var_share"], lv["_read_dof"]
-    coef, r2, r2_u, rmse_rel = _wls_poly(lg / g_max, sig, ndev, degree, a, dof_a)
+    if use.sum() < degree + 1:
+        raise UserError(
+            f"{files}: column 'g_measured_uS': only {int(use.sum())} level(s) have most reads above 0, but a "
+            f"degree-{degree} polynomial needs {degree + 1}; lower --degree (noise.degree)")
+    coef, r2, r2_u, rmse_rel = _wls_poly(lg[use] / g_max, sig[use], n_eff[use], degree, a[use], dof_a[use])
     grid = np.linspace(0.0, g_max, GRID_POINTS)
     sig_grid = np.maximum(np.polyval(coef[::-1], grid / g_max), 0.0)
 
@@ -308,8 +354,10 @@ def fit_noise(measurements: Measurements, degree: int = 2, source: str | None = 
         "read_noise": read_json,
         "fit": {
             "degree": int(degree), "r2": r2, "r2_unweighted": r2_u, "rmse_rel": rmse_rel,
-            "n_levels": L, "n_devices": int(ndev.sum()), "n_rows": n_rows, "binned": bool(m.binned),
-            "fitted_range_uS": [float(lg.min()), float(lg.max())],
+            "n_levels": L, "n_levels_fitted": int(use.sum()),
+            "n_devices": int(sum(lv["n_devices"] for lv in levels)), "n_rows": n_rows, "binned": bool(m.binned),
+            "fitted_range_uS": [float(lg[use].min()), float(lg[use].max())],
+            "censored_levels": int(sum(lv["censored_frac"] > 0 for lv in levels)),
             "includes_read_noise": not read_used,
             "drift": "fitted" if drift is not None else f"none ({why_no_drift})",
             "read_noise": "fitted" if read else ("none (no device_id column)" if m.device is None

@@ -13,6 +13,15 @@ PROG_ONLY = NoiseModel(name="prog", kind="json", g_max=25.0, prog_coeffs=list(PC
 LEVELS = [0.1, 0.3, 0.6, 0.9]  # |w| / w_max of the probed weights
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one intra-op thread is faster, and much faster on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def probe_tensor(rows=20000, shape3d=False):
     """Every row: w_max = 1 at column 0, then +LEVELS, then -LEVELS."""
     w = torch.zeros(rows, 1 + 2 * len(LEVELS))
