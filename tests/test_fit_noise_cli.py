@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +101,8 @@ def test_presets_cli(capsys):
     assert d["pcm-joshi2020"]["g_max_uS"] == 25.0 and "Joshi" in d["pcm-joshi2020"]["citation"]
 
 
-def _stage():
+def _stage(monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the stage rewrites sys.path[0]
     spec = importlib.util.spec_from_file_location("fit_noise_stage", ROOT / "stages" / "fit_noise.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -112,7 +114,7 @@ def test_fit_noise_stage(tmp_path, monkeypatch, source):
     src = small_csv(tmp_path / "chip.csv") if source == "csv" else source
     (tmp_path / "params.yaml").write_text(f"noise:\n  source: {src}\n  degree: 1\n")
     monkeypatch.chdir(tmp_path)
-    _stage().main()
+    _stage(monkeypatch).main()
     full = json.loads((tmp_path / "noise" / "noise_model.json").read_text())
     summary = json.loads((tmp_path / "metrics" / "noise_fit.json").read_text())
     assert (tmp_path / "metrics" / "plots" / "noise_fit.png").read_bytes()[:4] == b"\x89PNG"
@@ -128,7 +130,7 @@ def test_fit_noise_stage_missing_source(tmp_path, monkeypatch, capsys):
     (tmp_path / "params.yaml").write_text("noise:\n  source: data/chip/none.csv\n")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
-        _stage().main()
+        _stage(monkeypatch).main()
     assert e.value.code == 2
     assert "params key 'noise.source'" in capsys.readouterr().err
     assert not (tmp_path / "noise").exists() and not (tmp_path / "metrics").exists()
