@@ -65,10 +65,10 @@ def timed(fn, device, repeats, warmup=1):
     return statistics.median(out)
 
 
-def build_random(shape, device, dtype):
+def build_random(shape, device, dtype, experts_impl="grouped_mm"):
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
-    cfg = OlmoeConfig(**SHAPES[shape], experts_implementation="grouped_mm")
+    cfg = OlmoeConfig(**SHAPES[shape], experts_implementation=experts_impl)
     torch.manual_seed(0)
     with torch.device(device):
         model = OlmoeForCausalLM(cfg).to(dtype)
@@ -87,11 +87,13 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, default=4, help="batches per timed pass")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--noise", default="pcm-joshi2020")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on cuda, fp32 on cpu")
+    ap.add_argument("--experts-impl", default="grouped_mm", choices=["grouped_mm", "eager", "batched_mm"])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
     params = load_params() if Path("params.yaml").exists() else None
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     noise_model = resolve_noise_model(args.noise, 2)
     use_builtin = args.shape is None and Path("models/model/config.json").exists() and params is not None
     if use_builtin:
@@ -100,7 +102,8 @@ def main(argv=None):
         model, vocab, label = exp.model, exp.model.config.vocab_size, "builtin"
     else:
         shape = args.shape or "tiny"
-        model, vocab, label = build_random(shape, args.device, dtype), SHAPES[shape]["vocab_size"], shape
+        model = build_random(shape, args.device, dtype, args.experts_impl)
+        vocab, label = SHAPES[shape]["vocab_size"], shape
     # The eval set one evaluation pass covers: the builtin test split, else WikiText-2 test (~0.29M tokens).
     if use_builtin:
         e = params.eval
@@ -149,6 +152,9 @@ def main(argv=None):
         "model": label,
         "device": args.device,
         "dtype": str(dtype).replace("torch.", ""),
+        "experts_implementation": model.config._experts_implementation,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
         "tokens_per_pass": n_tokens,
         "weight_bytes": weight_bytes,
         "analog_params": sum(t.numel() for _, _, t in analog_tensors(model, adapter, ANALOG_KINDS)),
