@@ -87,6 +87,13 @@ def load_model(source="builtin", revision=None, trust_remote_code=False, dtype="
     except Exception as e:
         raise UserError(f"model at {path}: cannot read config.json: {e}") from None
     config.output_router_logits = False
+    from .adapters import SUPPORTED
+
+    known = {t for types in SUPPORTED.values() for t in types}
+    if config.model_type not in known:  # refuse before reading gigabytes of weights
+        supported = ", ".join(f"{f} (model_type {'/'.join(t)})" for f, t in SUPPORTED.items())
+        raise UserError(f"model at {path}: unsupported model family {config.model_type!r}. "
+                        f"Supported families: {supported}")
     kwargs = dict(config=config, trust_remote_code=trust_remote_code, use_safetensors=True,
                   dtype=DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
     if not trust_remote_code:

@@ -139,3 +139,39 @@ def test_moe_type_without_moe_blocks_refused():
                                            mlp_only_layers=[0, 1]))
     with pytest.raises(UserError, match="no MoE blocks"):
         get_adapter(m)
+
+
+def test_inspect_cli_on_saved_model(tmp_path, capsys):
+    import json
+
+    from romer.cli import main
+
+    model = make("qwen2_moe")
+    model.save_pretrained(tmp_path / "m")
+    assert main(["inspect", str(tmp_path / "m"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "qwen2_moe" and info["moe_layers"] == [0, 2] and info["shared_experts"] == 1
+    assert main(["inspect", str(tmp_path / "m")]) == 0
+    assert "qwen2_moe" in capsys.readouterr().out
+
+
+def test_inspect_cli_refuses_dense_and_bad_sources(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from romer.cli import main
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "dense")
+    assert main(["inspect", str(tmp_path / "dense"), "--json"]) == 2
+    assert "unsupported model family 'llama'" in capsys.readouterr().err
+    assert main(["inspect", "some-org/some-moe-model"]) == 2  # offline: the hub is unreachable
+    err = capsys.readouterr().err
+    assert "some-org/some-moe-model" in err and "unreachable" in err and "model.source" in err
+    (tmp_path / "empty").mkdir()
+    assert main(["inspect", str(tmp_path / "empty")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    make("olmoe").save_pretrained(broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["inspect", str(broken)]) == 2
+    assert "cannot load weights" in capsys.readouterr().err
