@@ -38,7 +38,15 @@ def run_profile(params, exp=None) -> dict:
     from .plots import plot_profile
 
     exp = exp or Experiment(params)
-    windows = exp.calib_windows()
+    out = profile_routing(exp, exp.calib_windows())
+    write_json(PROFILE_JSON, out)
+    plot_profile(out, PLOTS)
+    return out
+
+
+def profile_routing(exp, windows) -> dict:
+    """Routing of the clean model and of each calib.seeds noise instance on the calibration windows."""
+    params = exp.params
     tau = params.replace.tau
     exp.set_state(None)
     clean = _record_routing(exp, windows)
@@ -57,8 +65,6 @@ def run_profile(params, exp=None) -> dict:
     keys = out["clean"]["mean"].keys()
     out["noisy_mean"] = {k: sum(out["noisy"][str(s)]["mean"][k] for s in params.calib.seeds) / len(loads)
                          for k in list(keys) + ["routing_agreement", "kl_clean_noisy"]}
-    write_json(PROFILE_JSON, out)
-    plot_profile(out, PLOTS)
     return out
 
 
@@ -95,8 +101,13 @@ def run_percentiles(params, exp=None) -> dict:
     from .experiment import Experiment
 
     exp = exp or Experiment(params)
-    plan = read_json(PLAN_JSON)
-    windows = exp.calib_windows()
+    out = compute_percentiles(exp, read_json(PLAN_JSON), exp.calib_windows())
+    write_json(PERCENTILES_JSON, out)
+    return out
+
+
+def compute_percentiles(exp, plan, windows) -> dict:
+    params = exp.params
     exp.set_state(None)
     clean = exp.logit_percentiles(windows)
     exp.set_state(None, plan)
@@ -112,7 +123,6 @@ def run_percentiles(params, exp=None) -> dict:
            "seeds": list(params.calib.seeds), "clean": _pct_to_json(clean),
            "clean_replaced": _pct_to_json(clean_replaced),
            "expected": {k: _maps_to_json(v) for k, v in expected.items()}}
-    write_json(PERCENTILES_JSON, out)
     return out
 
 

@@ -1,0 +1,138 @@
+"""Ablation that chooses the defaults of the method, on the VALIDATION split (never test).
+
+Parts (each optional):
+  scales     noisy PPL against noise.scale: where the default noise lies (1.5x-4x clean).
+  parts      damage decomposition: noise on one analog kind at a time (router, attention, ...).
+  methods    ROMER variants at the default noise: replacement strategy x tau, percentiles,
+             calibration mode and layer-wise calibration; each against the same noisy seeds.
+
+  python benchmarks/ablation.py --parts scales parts methods --out metrics/ablation.json
+
+Results go to the JSON (committed) and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from romer.evaluation import mean_ci, paired_reduction, perplexity  # noqa: E402
+from romer.experiment import Experiment, set_determinism  # noqa: E402
+from romer.io import write_json  # noqa: E402
+from romer.params import load_params  # noqa: E402
+from romer.pipeline import compute_percentiles, evaluate_seed, profile_routing  # noqa: E402
+from romer.replacement import make_plan  # noqa: E402
+from romer.routing import Recorder  # noqa: E402
+
+
+def with_params(exp, **sections):
+    """exp.params with some keys replaced, e.g. replace={"tau": 0.5}."""
+    upd = {k: getattr(exp.params, k).model_copy(update=v) for k, v in sections.items()}
+    return exp.params.model_copy(update=upd)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="builtin-validation")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--parts", nargs="+", default=["scales", "parts", "methods"])
+    ap.add_argument("--scales", type=float, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    ap.add_argument("--scale", type=float, default=None, help="noise scale of the method ablation (default: params)")
+    ap.add_argument("--strategies", nargs="+", default=["copy_router", "split", "average"])
+    ap.add_argument("--taus", type=float, nargs="+", default=[0.25, 0.5])
+    ap.add_argument("--percentiles", type=float, nargs="+", default=[5, 95, 25, 75, 10, 90, 1, 99])
+    ap.add_argument("--out", default="metrics/ablation.json")
+    args = ap.parse_args(argv)
+
+    t0 = time.time()
+    params = load_params()
+    set_determinism(params.builtin.threads)
+    exp = Experiment(params)
+    e = params.eval
+    eval_w = exp.windows(args.dataset, e.seq_len, max_tokens=args.max_tokens)
+    calib_w = exp.calib_windows()
+    exp.set_state(None)
+    clean_rec = Recorder(indices=True)
+    clean = perplexity(exp.model, exp.adapter, eval_w, e.batch_size, exp.device, None, clean_rec)
+    out = {"dataset": args.dataset, "tokens": int(eval_w.numel()), "seeds": args.seeds, "clean_ppl": clean,
+           "noise_source": params.noise.source}
+    print(f"clean PPL on {args.dataset}: {clean:.2f} ({eval_w.numel()} tokens)")
+
+    def noisy_ppl(seed, **kw):
+        exp.set_state(seed, **kw)
+        return perplexity(exp.model, exp.adapter, eval_w, e.batch_size, exp.device)
+
+    if "scales" in args.parts:
+        rows = []
+        for s in args.scales:
+            st = mean_ci([noisy_ppl(seed, scale=s) for seed in args.seeds])
+            rows.append({"scale": s, "noisy": st, "ratio_to_clean": st["mean"] / clean})
+            print(f"scale {s:6.2f}: noisy PPL {st['mean']:.2f} +/- {st['std']:.2f} ({st['mean'] / clean:.2f}x clean)")
+        out["scales"] = rows
+
+    scale = args.scale if args.scale is not None else params.noise.scale
+    exp.params = with_params(exp, noise={"scale": scale})
+    out["scale"] = scale
+
+    if "parts" in args.parts:
+        parts = {}
+        for kind in exp.analog_kinds + ["all"]:
+            kinds = None if kind == "all" else [kind]
+            parts[kind] = mean_ci([noisy_ppl(seed, kinds=kinds) for seed in args.seeds])
+            print(f"noise on {kind:15s}: PPL {parts[kind]['mean']:.2f}")
+        out["damage_by_part"] = parts
+
+    if "methods" in args.parts:
+        profile = profile_routing(exp, calib_w)
+        out["profile_noisy_mean"] = profile["noisy_mean"]
+        pct_pairs = [tuple(args.percentiles[i:i + 2]) for i in range(0, len(args.percentiles), 2)]
+        base_pct = tuple(params.calibrate.percentiles)
+        configs = []
+        # replacement strategy x tau, with the default percentiles and both calibration modes
+        for strategy, tau in itertools.product(args.strategies, args.taus):
+            configs.append(dict(strategy=strategy, tau=tau, percentiles=base_pct, layerwise=True))
+        # percentiles and layer-wise calibration, with the first strategy and tau
+        for pc in pct_pairs:
+            if pc != base_pct:
+                configs.append(dict(strategy=args.strategies[0], tau=args.taus[0], percentiles=pc, layerwise=True))
+        configs.append(dict(strategy=args.strategies[0], tau=args.taus[0], percentiles=base_pct, layerwise=False))
+        results = []
+        for cfg in configs:
+            t1 = time.time()
+            exp.params = with_params(exp, noise={"scale": scale},
+                                     replace={"tau": cfg["tau"], "strategy": cfg["strategy"]},
+                                     calibrate={"percentiles": cfg["percentiles"], "layerwise": cfg["layerwise"]})
+            plan = make_plan(profile["noisy_load"], cfg["tau"], exp.params.replace.max_per_layer, cfg["strategy"])
+            pct = compute_percentiles(exp, plan, calib_w)
+            per_seed = {s: evaluate_seed(exp, s, eval_w, calib_w, plan, pct, clean_rec,
+                                         modes=("per_chip", "expected")) for s in args.seeds}
+            names = list(per_seed[args.seeds[0]])
+            ppl = {n: mean_ci([per_seed[s][n]["ppl"] for s in args.seeds]) for n in names}
+            red = {n: paired_reduction(ppl["noisy"]["per_seed"], ppl[n]["per_seed"]) for n in names if n != "noisy"}
+            agree = {n: sum(per_seed[s][n]["routing"]["mean"]["routing_agreement"] for s in args.seeds) / len(args.seeds)
+                     for n in names}
+            cv = {n: sum(per_seed[s][n]["routing"]["mean"]["cv"] for s in args.seeds) / len(args.seeds) for n in names}
+            row = {**cfg, "percentiles": list(cfg["percentiles"]), "replaced": plan["replaced"],
+                   "ppl": ppl, "reduction_pct": {n: r[0] for n, r in red.items()},
+                   "reduction_ci95": {n: r[1] for n, r in red.items()}, "routing_agreement": agree, "cv": cv,
+                   "seconds": round(time.time() - t1, 1)}
+            results.append(row)
+            print(f"{cfg['strategy']:11s} tau={cfg['tau']:.2f} pct={cfg['percentiles']} layerwise={cfg['layerwise']} "
+                  f"replaced={plan['replaced']}: noisy {ppl['noisy']['mean']:.2f} | "
+                  + " | ".join(f"{n} {ppl[n]['mean']:.2f} ({row['reduction_pct'][n]:+.1f}%)" for n in names if n != "noisy"))
+        out["methods"] = results
+    exp.restore()
+    out["seconds"] = round(time.time() - t0, 1)
+    write_json(args.out, out)
+    print(f"wrote {args.out} in {out['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
