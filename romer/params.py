@@ -30,11 +30,15 @@ class ModelParams(_Section):
 
 
 class BuiltinParams(_Section):
-    """Corpus, tokenizer and training recipe of the embedded OLMoE-architecture model."""
+    """Corpus, tokenizer and training recipe of the embedded OLMoE-architecture model.
+
+    The defaults are the measured recipe of docs/builtin_model.md (about 7 minutes on 2 CPU cores).
+    """
 
     corpus_dir: str = "data/corpus"
     val_frac: float = Field(0.05, gt=0, lt=0.5)
     test_frac: float = Field(0.05, gt=0, lt=0.5)
+    split_chunks: int = Field(10, ge=1)  # held-out text is taken from this many places in the corpus
     max_chars: Optional[int] = Field(None, gt=0)  # cap the corpus (tests use a small slice)
     vocab_size: int = Field(4096, ge=260)
     hidden_size: int = Field(256, gt=0)
@@ -43,16 +47,23 @@ class BuiltinParams(_Section):
     num_experts: int = Field(16, ge=2)
     top_k: int = Field(2, ge=1)
     intermediate_size: int = Field(256, gt=0)
+    tie_embeddings: bool = False
+    experts_implementation: Literal["grouped_mm", "eager"] = "grouped_mm"
     seq_len: int = Field(256, ge=8)
     batch_size: int = Field(16, gt=0)
     steps: int = Field(600, gt=0)
     lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(50, ge=0)
+    min_lr_frac: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.1, ge=0)
-    aux_loss_coef: float = Field(0.05, ge=0)
-    bias_balance_rate: float = Field(0.0, ge=0)  # DeepSeek-V3-style aux-free balancing (0 = off)
+    grad_clip: float = Field(1.0, gt=0)
+    aux_loss_coef: float = Field(0.05, ge=0)  # per-layer Switch load-balancing loss
+    z_loss_coef: float = Field(0.001, ge=0)  # router z-loss, as OLMoE
+    eval_every: Optional[int] = Field(None, gt=0)  # validation-loss probe every N steps (None: at the end)
+    eval_windows: int = Field(32, gt=0)  # windows of the validation probe during training
+    eval_tokens: Optional[int] = Field(None, gt=0)  # cap on the val/test tokens of the final report
     seed: int = 0
-    threads: Optional[int] = Field(None, gt=0)
+    threads: Optional[int] = Field(None, gt=0)  # None: every CPU this process may use
 
     @model_validator(mode="after")
     def _check(self):
@@ -60,6 +71,12 @@ class BuiltinParams(_Section):
             raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
         if self.hidden_size % self.num_heads:
             raise ValueError("hidden_size must be divisible by num_heads")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError("hidden_size / num_heads must be even (rotary embeddings)")
+        if self.val_frac + self.test_frac >= 0.5:
+            raise ValueError("val_frac + test_frac must be < 0.5")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
         return self
 
 
@@ -105,6 +122,13 @@ class CalibrateParams(_Section):
     percentiles: tuple[float, float] = (5.0, 95.0)
     mode: Literal["per_chip", "expected"] = "per_chip"
     layerwise: bool = True
+
+    @field_validator("percentiles", mode="before")
+    @classmethod
+    def _pair(cls, v):
+        if not isinstance(v, (list, tuple)) or len(v) != 2:
+            raise ValueError("expected [lo, hi]: two percentiles in (0, 100)")
+        return v
 
     @field_validator("percentiles")
     @classmethod

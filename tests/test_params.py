@@ -1,0 +1,107 @@
+"""Every params.yaml rule stops a stage before any work, naming the key and what was expected."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from romer.errors import UserError
+from romer.params import load_params
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path, over):
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted, v in over.items():
+        *head, last = dotted.split(".")
+        d = base
+        for k in head:
+            d = d.setdefault(k, {})
+        if v is DELETE:
+            d.pop(last, None)
+        else:
+            d[last] = v
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(base))
+    return p
+
+
+DELETE = object()
+
+
+def test_committed_params_are_valid():
+    p = load_params(REPO / "params.yaml")
+    assert p.model.source == "builtin" and p.model.trust_remote_code is False
+    assert len(p.eval.seeds) >= 5
+
+
+@pytest.mark.parametrize("over, needle", [
+    ({"noise.scle": 1.0}, "unknown key 'noise.scle'"),
+    ({"evaluate": {"seeds": [0]}}, "unknown key 'evaluate'"),
+    ({"noise.scale": "big"}, "key 'noise.scale'"),
+    ({"noise.scale": -1}, "key 'noise.scale'"),
+    ({"replace.tau": -0.1}, "key 'replace.tau'"),
+    ({"replace.strategy": "clone"}, "key 'replace.strategy'"),
+    ({"calibrate.percentiles": [95, 5]}, "lo < hi"),
+    ({"calibrate.percentiles": [0, 95]}, "(0, 100)"),
+    ({"calibrate.percentiles": [5, 100]}, "(0, 100)"),
+    ({"calibrate.percentiles": [5]}, "key 'calibrate.percentiles'"),
+    ({"calibrate.mode": "global"}, "key 'calibrate.mode'"),
+    ({"eval.seeds": []}, "key 'eval.seeds'"),
+    ({"calib.seeds": []}, "key 'calib.seeds'"),
+    ({"cim.analog": ["experts"]}, "unknown analog kind"),
+    ({"cim.analog": ["router", "router"]}, "must not repeat"),
+    ({"cim.levels": 1}, "key 'cim.levels'"),
+    ({"cim.tile_rows": 0}, "key 'cim.tile_rows'"),
+    ({"model.trust_remote_code": "maybe"}, "key 'model.trust_remote_code'"),
+    ({"model.dtype": "int8"}, "key 'model.dtype'"),
+    ({"eval.seq_len": 2}, "key 'eval.seq_len'"),
+    ({"builtin.top_k": 99}, "top_k"),
+])
+def test_rule_names_the_key(tmp_path, over, needle):
+    with pytest.raises(UserError) as e:
+        load_params(write(tmp_path, over))
+    assert needle in str(e.value)
+    assert "params.yaml" in str(e.value)
+
+
+def test_missing_and_malformed_file(tmp_path):
+    with pytest.raises(UserError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("noise: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(UserError, match="mapping"):
+        load_params(bad)
+
+
+def run_stage(tmp_path, stage):
+    return subprocess.run([sys.executable, str(REPO / "stages" / f"{stage}.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("over, needle", [
+    ({"noise.scael": 2}, "unknown key 'noise.scael'"),
+    ({"noise.scale": -3}, "key 'noise.scale'"),
+    ({"noise.source": "data/chip/missing.csv"}, "data/chip/missing.csv"),
+])
+def test_fit_noise_stage_stops_cleanly(tmp_path, over, needle):
+    write(tmp_path, over)
+    r = run_stage(tmp_path, "fit_noise")
+    assert r.returncode != 0
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "noise").exists() and not (tmp_path / "metrics").exists()
+
+
+def test_every_stage_validates_params_first(tmp_path):
+    write(tmp_path, {"calibrate.percentiles": [50, 40]})
+    for stage in ("fetch_model", "fit_noise", "profile", "replace", "percentiles", "evaluate"):
+        r = run_stage(tmp_path, stage)
+        assert r.returncode == 2, (stage, r.stderr[-500:])
+        assert "lo < hi" in r.stderr and "Traceback" not in r.stderr, stage
