@@ -38,6 +38,7 @@ class Experiment:
         self.model = load_model(model_dir, trust_remote_code=params.model.trust_remote_code,
                                 dtype=params.model.dtype, device=self.device)
         self.model.config.output_router_logits = False
+        self.model.requires_grad_(False)  # inference only: weights are edited in place
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code=params.model.trust_remote_code)
         self.adapter = get_adapter(self.model)
         self.blocks = self.adapter.blocks(self.model)
@@ -50,8 +51,9 @@ class Experiment:
         self.analog_kinds = list(params.cim.analog)
         # Routed experts and routers are always held (replacement reprograms them even when digital).
         kinds = sorted(set(self.analog_kinds) | {"routed_experts", "router"})
-        self.weights = AnalogWeights(analog_tensors(self.model, self.adapter, kinds), noise_model,
-                                     tile_rows=params.cim.tile_rows, levels=params.cim.levels)
+        tensors = analog_tensors(self.model, self.adapter, kinds)
+        self.weights = AnalogWeights(tensors, noise_model, tile_rows=params.cim.tile_rows, levels=params.cim.levels)
+        self._expert_tensors = [(n, t) for n, k, t in tensors if k == "routed_experts"]
         self.sentinel_ok = not params.model.trust_remote_code
 
     # ---- data ------------------------------------------------------------------------------
@@ -66,8 +68,12 @@ class Experiment:
         return self.windows(c.dataset, c.seq_len, n_seqs=c.n_seqs, key="calib")
 
     # ---- weight states ---------------------------------------------------------------------
-    def set_state(self, seed=None, plan=None, scale=None, t_inference_s=None, kinds=None):
-        """Clean (seed None) or noisy weights, optionally with a replacement plan programmed in."""
+    def set_state(self, seed=None, plan=None, scale=None, t_inference_s=None, kinds=None, digital=None):
+        """Clean (seed None) or noisy weights, optionally with a replacement plan programmed in.
+
+        kinds: the analog kinds that get noise (default cim.analog). digital: {layer: [experts]}
+        kept digital (clean), for the heterogeneous analog-digital baseline.
+        """
         n = self.params.noise
         edit = weight_edit(plan, self.weights.clean) if plan and plan["replaced"] else None
         if seed is None and edit is None:
@@ -81,6 +87,19 @@ class Experiment:
             edit=edit,
             kinds=[] if seed is None else (self.analog_kinds if kinds is None else kinds),
         )
+        if digital:
+            self._keep_digital(digital)
+
+    @torch.no_grad()
+    def _keep_digital(self, digital):
+        """Put the clean weights back into the given experts (fused [E, out, in] tensors)."""
+        for name, t in self._expert_tensors:
+            layer = int(name.split(".")[1])
+            for e in digital.get(layer, []):
+                if t.dim() == 3:
+                    t[e].copy_(self.weights.clean(name)[e])
+                elif f".experts.{e}." in name:
+                    t.copy_(self.weights.clean(name))
 
     def restore(self):
         self.weights.restore()

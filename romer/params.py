@@ -149,6 +149,16 @@ class EvalParams(_Section):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
     tasks: list[str] = Field(default_factory=list)
     task_limit: Optional[int] = Field(None, gt=0)
+    # heterogeneous analog-digital baseline: fractions of experts per layer kept digital (besides
+    # the matched budget, which equals the fraction of experts ROMER rewrites)
+    hetero_fractions: list[float] = Field(default_factory=lambda: [0.125, 0.25])
+
+    @field_validator("hetero_fractions")
+    @classmethod
+    def _fracs(cls, v):
+        if any(not 0 < f <= 1 for f in v):
+            raise ValueError(f"fractions must lie in (0, 1], got {v}")
+        return v
 
 
 class MlflowParams(_Section):

@@ -127,34 +127,64 @@ def compute_percentiles(exp, plan, windows) -> dict:
 
 
 # ---- evaluate -----------------------------------------------------------------------------------
-def evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, methods=METHODS, modes=("per_chip",)):
+def method_specs(plan, modes=("per_chip",), hetero=None, analog=()):
+    """{method name: spec}. A spec says whether the replacement plan is programmed in, which
+    calibration (None, per_chip or expected) runs, and for the heterogeneous baseline which
+    analog kinds get noise and which experts stay digital."""
+    specs = {"noisy": dict(plan=False, cal=None), "replace_only": dict(plan=True, cal=None)}
+    for name, uses_plan in (("calibrate_only", False), ("romer", True)):
+        for mode in modes:
+            specs[name if mode == modes[0] else f"{name}_{mode}"] = dict(plan=uses_plan, cal=mode)
+    no_attn = [k for k in analog if k != "attention"]
+    slots = pairs_by_layer(plan) if plan else {}
+    for name, digital in (hetero or {}).items():
+        specs[name] = dict(plan=False, cal=None, kinds=no_attn, digital=digital)
+        if name == "hetero_digital" and plan and plan["replaced"]:
+            # Combined with ROMER: a replaced slot holds a copy, so it cannot also stay digital.
+            keep = {l: [e for e in ex if e not in {s for s, _ in slots.get(l, [])}] for l, ex in digital.items()}
+            specs["hetero_digital_romer"] = dict(plan=True, cal=modes[0], kinds=no_attn, digital=keep)
+    return specs
+
+
+def evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, specs=None, modes=("per_chip",)):
     """PPL and routing report of each method on one noise instance. Raises on any failure."""
     p = exp.params
-    bs = p.eval.batch_size
+    specs = specs or method_specs(plan, modes, analog=exp.analog_kinds)
     aliases = pairs_by_layer(plan) if plan else {}
     clean_pct = pct_from_json(pct["clean"])
     clean_rep_pct = pct_from_json(pct["clean_replaced"])
     res = {}
-
-    def run(name, state_plan, maps=None):
-        exp.set_state(seed, state_plan)
-        if maps == "per_chip":
+    for name, sp in specs.items():
+        state_plan = plan if sp["plan"] else None
+        exp.set_state(seed, state_plan, kinds=sp.get("kinds"), digital=sp.get("digital"))
+        maps = None
+        if sp["cal"] == "per_chip":
             maps = exp.calibrate(calib_w, clean_rep_pct if state_plan else clean_pct, state_plan)
+        elif sp["cal"] == "expected":
+            maps = maps_from_json(pct["expected"]["romer" if sp["plan"] else "calibrate_only"])
         rec = Recorder(indices=True)
-        ppl = perplexity(exp.model, exp.adapter, eval_w, bs, exp.device, exp.routing_plan(state_plan, maps), rec)
+        ppl = perplexity(exp.model, exp.adapter, eval_w, p.eval.batch_size, exp.device,
+                         exp.routing_plan(state_plan, maps), rec)
         res[name] = {"ppl": ppl, "routing": routing_report(rec, exp.num_experts, p.replace.tau, clean_rec,
                                                            aliases if state_plan else None)}
-
-    for name in methods:
-        uses_plan = plan if name in ("replace_only", "romer") else None
-        if name in ("noisy", "replace_only"):
-            run(name, uses_plan)
-            continue
-        for mode in modes:
-            key = name if mode == modes[0] else f"{name}_{mode}"
-            maps = "per_chip" if mode == "per_chip" else maps_from_json(pct["expected"][name])
-            run(key, uses_plan, maps)
     return res
+
+
+def hetero_budgets(exp, plan, fractions) -> dict:
+    """Digital expert sets of the heterogeneous baseline: at ROMER's budget (the fraction of experts
+    it rewrites) and at each fixed fraction of experts per layer."""
+    from .hetero import sensitive_experts
+
+    if not fractions and not plan["replaced"]:
+        return {}
+    exp.set_state(None)
+    out = {}
+    if plan["replaced"]:
+        out["hetero_digital"] = sensitive_experts(exp.adapter, exp.model,
+                                                  plan["replaced"] / (len(exp.layers) * exp.num_experts))
+    for f in fractions:
+        out[f"hetero_digital_{100 * f:g}pct".replace(".", "p")] = sensitive_experts(exp.adapter, exp.model, f)
+    return out
 
 
 def run_evaluate(params, exp=None, log_mlflow=True) -> dict:
@@ -178,9 +208,10 @@ def run_evaluate(params, exp=None, log_mlflow=True) -> dict:
     clean_ppl = perplexity(exp.model, exp.adapter, eval_w, e.batch_size, exp.device, None, clean_rec,
                            desc="evaluate: clean")
     clean_routing = routing_report(clean_rec, exp.num_experts, params.replace.tau)
+    specs = method_specs(plan, modes, hetero_budgets(exp, plan, e.hetero_fractions), exp.analog_kinds)
     per_seed = {}
     for seed in tqdm(e.seeds, desc="evaluate: noise seeds"):
-        per_seed[seed] = evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, modes=modes)
+        per_seed[seed] = evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, specs)
     exp.restore()
 
     names = list(per_seed[e.seeds[0]].keys())

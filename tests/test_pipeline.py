@@ -79,6 +79,7 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
         s = ev["ppl"][m]
         assert len(s["per_seed"]) == 2 and s["ci95"][0] <= s["mean"] <= s["ci95"][1]
     assert ev["ppl"]["clean"] > 1
+    assert {"hetero_digital_12p5pct", "hetero_digital_25pct", "romer_expected"} <= set(ev["ppl"])
     assert set(ev["load_balance"]) >= {"clean", "noisy", "romer"}
     assert "builtin_cloze" in ev["tasks"]
     for f in ("profile.json", "replacement_plan.json", "noise_fit.json", "plots/eval_ppl.png",
