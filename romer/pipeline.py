@@ -106,12 +106,21 @@ def run_percentiles(params, exp=None) -> dict:
     return out
 
 
-def compute_percentiles(exp, plan, windows) -> dict:
-    params = exp.params
+def clean_percentiles(exp, plan, windows) -> dict:
+    """Clean router-logit percentiles {layer: [E, 2]}, plain ("clean") and with the replacement
+    plan programmed in ("clean_replaced": a copy_router replica's target is its source's)."""
     exp.set_state(None)
     clean = exp.logit_percentiles(windows)
     exp.set_state(None, plan)
     clean_replaced = exp.logit_percentiles(windows, plan)
+    exp.restore()
+    return {"clean": _pct_to_json(clean), "clean_replaced": _pct_to_json(clean_replaced)}
+
+
+def compute_percentiles(exp, plan, windows) -> dict:
+    params = exp.params
+    cp = clean_percentiles(exp, plan, windows)
+    clean, clean_replaced = pct_from_json(cp["clean"]), pct_from_json(cp["clean_replaced"])
 
     def instances(with_plan):
         return [lambda s=s: exp.set_state(s, with_plan) for s in params.calib.seeds]
@@ -120,8 +129,7 @@ def compute_percentiles(exp, plan, windows) -> dict:
                 "romer": exp.calibrate(windows, clean_replaced, plan, instances(plan))}
     exp.restore()
     out = {"percentiles": list(params.calibrate.percentiles), "layerwise": params.calibrate.layerwise,
-           "seeds": list(params.calib.seeds), "clean": _pct_to_json(clean),
-           "clean_replaced": _pct_to_json(clean_replaced),
+           "seeds": list(params.calib.seeds), **cp,
            "expected": {k: _maps_to_json(v) for k, v in expected.items()}}
     return out
 
