@@ -150,17 +150,18 @@ def test_evaluate_tasks_shape(setup, capsys, monkeypatch):
     assert exp.model.config.output_router_logits is True  # restored afterwards
     assert list(out) == ["builtin_cloze"]
     r = out["builtin_cloze"]
-    assert r["metric"] == "acc" and r["n_items"] == 24
+    assert r["metric"] == "acc_mutual_info" and r["n_items"] == 24
     assert 0.0 <= r["clean"] <= 1.0
     for m in ("noisy", "romer"):
         assert set(r[m]) == {"mean", "std", "ci95", "per_seed"}
         assert len(r[m]["per_seed"]) == 2
         assert all(0.0 <= v <= 1.0 for v in r[m]["per_seed"])
-    assert 0.0 <= r["all"]["acc_norm"]["clean"] <= 1.0
+    for m in ("acc", "acc_norm"):
+        assert 0.0 <= r["all"][m]["clean"] <= 1.0 and len(r["all"][m]["romer"]["per_seed"]) == 2
     # clean, then per seed: noisy, romer (with the plan); the model is restored at the end
     assert exp.states == [(None, False), (0, False), (0, True), (1, False), (1, True)]
     log = capsys.readouterr().out
-    assert "tasks: clean: builtin_cloze acc=" in log and "seed 1 romer (per_chip)" in log
+    assert "tasks: clean: builtin_cloze acc_mutual_info=" in log and "seed 1 romer (per_chip)" in log
     json.dumps(out)
 
 
