@@ -1,0 +1,330 @@
+"""The embedded default model: a small OLMoE-architecture MoE LM trained on the bundled corpus.
+
+`train_builtin` reads top to bottom: corpus splits -> byte-level BPE tokenizer -> OlmoeForCausalLM
+from a fixed seed -> AdamW with warmup + cosine decay and a per-layer load-balancing loss ->
+validation/test perplexity and per-layer routing statistics -> save_pretrained (safetensors),
+written atomically. Everything is a function of `BuiltinParams` (and the thread count, which
+changes floating-point reduction order; the default uses every CPU this process may run on).
+
+Why these choices, and the measured figures, are in docs/builtin_model.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from .corpus import builtin_splits
+from .errors import UserError
+from .io import atomic_path
+from .routing_metrics import expert_load, load_stats, summarize_layers
+
+SPECIAL_TOKEN = "<|endoftext|>"
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def train_tokenizer(text: str, vocab_size: int):
+    """Byte-level BPE (GPT-2 style pre-tokenisation, no unknown tokens) trained on `text`.
+
+    Returns a transformers PreTrainedTokenizerFast. It adds no BOS/EOS when encoding, so a text
+    maps to one contiguous token stream; `<|endoftext|>` (id 0) serves as bos/eos/pad.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, special_tokens=[SPECIAL_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    # Feed line-aligned pieces of ~64 kB: the merges only depend on word counts, not on batching.
+    lines = text.splitlines(keepends=True)
+    pieces, buf, n = [], [], 0
+    for line in lines:
+        buf.append(line)
+        n += len(line)
+        if n >= 65536:
+            pieces.append("".join(buf))
+            buf, n = [], 0
+    if buf:
+        pieces.append("".join(buf))
+    tok.train_from_iterator(pieces, trainer=trainer, length=len(pieces))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=SPECIAL_TOKEN, eos_token=SPECIAL_TOKEN, pad_token=SPECIAL_TOKEN,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def encode(tokenizer, text: str) -> torch.Tensor:
+    """The text as one 1-D LongTensor of token ids, tokenised exactly as the later stages do it
+    (romer.data.tokenize), so the perplexities reported here are the `clean` ones of `evaluate`."""
+    from .data import tokenize
+
+    return tokenize(tokenizer, text)
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_olmoe_config(cfg, vocab_size: int):
+    """OlmoeConfig of the embedded model for BuiltinParams `cfg` and the trained tokenizer's size."""
+    from transformers import OlmoeConfig
+
+    return OlmoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        num_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.top_k,
+        norm_topk_prob=False,  # as OLMoE: the top-k softmax weights are not renormalised
+        max_position_embeddings=cfg.seq_len,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        initializer_range=0.02,
+        tie_word_embeddings=cfg.tie_embeddings,
+        router_aux_loss_coef=cfg.aux_loss_coef,
+        output_router_logits=False,  # must stay False for generation (transformers crashes otherwise)
+        pad_token_id=0, bos_token_id=0, eos_token_id=0,
+        use_cache=True,
+        experts_implementation=cfg.experts_implementation,
+    )
+
+
+def count_params(model) -> dict:
+    """Total parameters, and the parameters active for one token (top-k of the routed experts)."""
+    total = sum(p.numel() for p in model.parameters())
+    c = model.config
+    per_expert = 3 * c.hidden_size * c.intermediate_size
+    inactive = c.num_hidden_layers * (c.num_experts - c.num_experts_per_tok) * per_expert
+    embed = c.vocab_size * c.hidden_size
+    return {"total": total, "active": total - inactive, "embedding": embed,
+            "non_embedding": total - embed * (1 if c.tie_word_embeddings else 2)}
+
+
+def balance_loss(router_logits, top_k: int) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss, computed per MoE layer and averaged over layers.
+
+    Per layer: E * sum_e f_e * P_e, with f_e the fraction of the top-k selections that went to
+    expert e and P_e its mean router probability; 1.0 when perfectly balanced. transformers'
+    `load_balancing_loss_func` instead pools the counts and probabilities of all layers before
+    multiplying, which lets one layer's imbalance hide behind another's; per layer it is not.
+    """
+    losses, z = [], []
+    for logits in router_logits:
+        E = logits.shape[-1]
+        probs = logits.float().softmax(-1)
+        idx = probs.topk(top_k, dim=-1).indices
+        f = torch.zeros(E, device=logits.device).scatter_add_(
+            0, idx.reshape(-1), torch.ones(idx.numel(), device=logits.device)) / idx.numel()
+        losses.append(E * (f * probs.mean(0)).sum())
+        z.append(torch.logsumexp(logits.float(), dim=-1).pow(2).mean())
+    return torch.stack(losses).mean(), torch.stack(z).mean()
+
+
+def _windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Non-overlapping windows of seq_len tokens ([n, seq_len]); the last partial one is dropped."""
+    n = ids.numel() // seq_len
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+@torch.no_grad()
+def evaluate(model, windows: torch.Tensor, batch_size: int, collect_routing: bool = False):
+    """Mean next-token NLL over the windows (seq_len-1 predictions each, as HF `labels=input_ids`).
+
+    With collect_routing, also the top-k expert indices per layer ([tokens, k] each), derived from
+    the router logits exactly as OlmoeTopKRouter does (softmax, then top-k).
+    """
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    k = model.config.num_experts_per_tok
+    topk = [[] for _ in range(model.config.num_hidden_layers)] if collect_routing else None
+    for i in range(0, windows.shape[0], batch_size):
+        x = windows[i : i + batch_size]
+        out = model(input_ids=x, output_router_logits=collect_routing, use_cache=False)
+        logits = out.logits[:, :-1].float()
+        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").item()
+        count += x[:, 1:].numel()
+        if collect_routing:
+            for layer, rl in enumerate(out.router_logits):
+                topk[layer].append(rl.float().softmax(-1).topk(k, dim=-1).indices)
+    model.train(was_training)
+    mean = nll / max(count, 1)
+    if collect_routing:
+        return mean, [torch.cat(t) for t in topk]
+    return mean
+
+
+def routing_report(topk_per_layer, num_experts: int, tau: float = 0.25) -> tuple[list, dict]:
+    """Per-layer load statistics (romer.routing_metrics) and their summary over layers."""
+    per_layer = []
+    for layer, idx in enumerate(topk_per_layer):
+        load = expert_load(idx, num_experts)
+        st = load_stats(load, tau=tau)
+        per_layer.append({"layer": layer, **{k: round(v, 6) for k, v in st.items()},
+                          "load": [round(x, 6) for x in load.tolist()]})
+    summary = {f"mean_{k}": round(v, 6) for k, v in summarize_layers(per_layer).items() if k != "layer"}
+    for key in ("cv", "maxvio", "underactivated_frac"):
+        summary[f"max_{key}"] = max(d[key] for d in per_layer)
+    summary["min_entropy"] = min(d["entropy"] for d in per_layer)
+    return per_layer, summary
+
+
+def _lr_at(step: int, cfg) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_frac at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    t = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@contextmanager
+def _threads(n):
+    prev = torch.get_num_threads()
+    if n is None:
+        try:
+            n = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            n = os.cpu_count() or 1
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(prev)
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_builtin(cfg, out_dir, progress: bool = True, return_model: bool = False) -> dict:
+    """Train the tokenizer and the model for BuiltinParams `cfg`, save both to `out_dir`.
+
+    `out_dir` is written atomically (built in a temp dir next to it, then renamed) and holds
+    config.json, model.safetensors, the tokenizer files and builtin_report.json. Returns the
+    report: timings, parameter counts, val/test loss and perplexity, per-layer routing
+    statistics on the validation tokens and their summary, and the training history.
+    With return_model, returns (report, trained model in eval mode) instead.
+    """
+    from tqdm.auto import tqdm
+    from transformers import OlmoeForCausalLM
+
+    t_start = time.perf_counter()
+    with _threads(cfg.threads) as n_threads:
+        splits = builtin_splits(cfg)
+
+        t0 = time.perf_counter()
+        tokenizer = train_tokenizer(splits["train"], cfg.vocab_size)
+        ids = {k: encode(tokenizer, v) for k, v in splits.items()}
+        tokenizer_time = time.perf_counter() - t0
+        if ids["train"].numel() < cfg.seq_len + 2:
+            raise UserError(f"builtin corpus: the train split has only {ids['train'].numel()} tokens, "
+                            f"fewer than builtin.seq_len + 2 = {cfg.seq_len + 2}")
+        cap = cfg.eval_tokens
+        val_w = _windows(ids["validation"][:cap], cfg.seq_len)
+        test_w = _windows(ids["test"][:cap], cfg.seq_len)
+        for name, w in (("validation", val_w), ("test", test_w)):
+            if w.shape[0] == 0:
+                raise UserError(f"builtin corpus: the {name} split has fewer than builtin.seq_len = "
+                                f"{cfg.seq_len} tokens ({ids[name].numel()}); raise builtin.max_chars")
+
+        torch.manual_seed(cfg.seed)
+        model = OlmoeForCausalLM(build_olmoe_config(cfg, len(tokenizer)))
+        model.train()
+        nparams = count_params(model)
+
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n]
+        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed_tokens" not in n)]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+        )
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        train_ids = ids["train"]
+        span = torch.arange(cfg.seq_len + 1)
+        eval_every = cfg.eval_every or cfg.steps
+        # the probe is spread over the whole validation split (its start alone is not representative)
+        val_probe = val_w[torch.linspace(0, val_w.shape[0] - 1, min(cfg.eval_windows, val_w.shape[0])).long()]
+
+        history = []
+        t0 = time.perf_counter()
+        bar = tqdm(range(cfg.steps), desc="builtin train", disable=not progress, mininterval=2.0)
+        for step in bar:
+            lr = _lr_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            starts = torch.randint(0, train_ids.numel() - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
+            batch = train_ids[starts[:, None] + span]
+            x, y = batch[:, :-1], batch[:, 1:]
+            out = model(input_ids=x, output_router_logits=True, use_cache=False)
+            ce = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), y.reshape(-1))
+            bal, z = balance_loss(out.router_logits, cfg.top_k)
+            loss = ce + cfg.aux_loss_coef * bal + cfg.z_loss_coef * z
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+
+            rec = {"step": step + 1, "lr": lr, "train_loss": ce.item(), "balance_loss": bal.item(),
+                   "z_loss": z.item(), "grad_norm": float(gnorm)}
+            if (step + 1) % eval_every == 0 or step + 1 == cfg.steps:
+                rec["val_loss"] = evaluate(model, val_probe, cfg.batch_size)
+                msg = f"step {step + 1}/{cfg.steps}: train loss {ce.item():.3f}, val loss {rec['val_loss']:.3f}"
+                if progress:
+                    tqdm.write(msg)
+            history.append(rec)
+            bar.set_postfix(loss=f"{ce.item():.3f}", bal=f"{bal.item():.3f}", refresh=False)
+        bar.close()
+        train_time = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        model.eval()
+        val_loss, topk = evaluate(model, val_w, cfg.batch_size, collect_routing=True)
+        test_loss = evaluate(model, test_w, cfg.batch_size)
+        per_layer, summary = routing_report(topk, cfg.num_experts)
+        eval_time = time.perf_counter() - t0
+
+        report = {
+            "model": "builtin OLMoE-architecture MoE",
+            "threads": n_threads,
+            "params": nparams["total"],
+            "active_params": nparams["active"],
+            "non_embedding_params": nparams["non_embedding"],
+            "tokens": {k: int(v.numel()) for k, v in ids.items()},
+            "tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
+            "val_loss": round(val_loss, 6),
+            "val_ppl": round(math.exp(val_loss), 4),
+            "test_loss": round(test_loss, 6),
+            "test_ppl": round(math.exp(test_loss), 4),
+            "eval": {"seq_len": cfg.seq_len, "val_windows": int(val_w.shape[0]),
+                     "test_windows": int(test_w.shape[0]),
+                     "note": "non-overlapping windows, seq_len-1 next-token predictions each"},
+            "routing_tokens": int(topk[0].shape[0]) if topk else 0,
+            "per_layer": per_layer,
+            "summary": summary,
+            "tokenizer_time_s": round(tokenizer_time, 2),
+            "train_time_s": round(train_time, 2),
+            "eval_time_s": round(eval_time, 2),
+            "config": cfg.model_dump(),
+            "history": history,
+        }
+
+        model.config.output_router_logits = False
+        with atomic_path(out_dir) as tmp:
+            tmp.mkdir()
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            report["total_time_s"] = round(time.perf_counter() - t_start, 2)
+            slim = {k: v for k, v in report.items() if k != "history"}
+            (tmp / "builtin_report.json").write_text(json.dumps(slim, indent=2) + "\n")
+    report["total_time_s"] = round(time.perf_counter() - t_start, 2)
+    return (report, model) if return_model else report
