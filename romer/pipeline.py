@@ -200,8 +200,12 @@ def run_evaluate(params, exp=None, log_mlflow=True) -> dict:
     from .plots import plot_eval
 
     t0 = time.time()
-    exp = exp or Experiment(params)
     e = params.eval
+    if e.tasks:
+        from .tasks import check_task_names
+
+        check_task_names(e.tasks)  # fail before any model work
+    exp = exp or Experiment(params)
     eval_w = exp.windows(e.dataset, e.seq_len, max_tokens=e.max_tokens, key="eval")
     calib_w = exp.calib_windows()
     plan = read_json(PLAN_JSON)
