@@ -8,8 +8,7 @@ noisy and the ROMER model (per-chip calibration) over the eval seeds.
 from __future__ import annotations
 
 from .evaluation import mean_ci, paired_reduction, perplexity, routing_report
-from .pipeline import pct_from_json, clean_percentiles, profile_routing
-from .replacement import make_plan
+from .pipeline import chip_plan, clean_percentiles, clean_replaced
 from .routing import Recorder
 
 
@@ -37,19 +36,19 @@ def sweep_point(exp, calib_w, eval_w, clean_ppl, clean_rec, scale) -> dict:
     """Noisy and ROMER PPL (and load CV, routing agreement) at one noise scale."""
     _with_noise(exp, scale=scale)
     seeds = exp.params.eval.seeds
-    r = exp.params.replace
-    plan = make_plan(profile_routing(exp, calib_w)["noisy_load"], r.tau, r.max_per_layer, r.strategy)
-    clean_pct = pct_from_json(clean_percentiles(exp, plan, calib_w)["clean_replaced"])
-    per_seed = {}
+    clean_pct = clean_percentiles(exp, calib_w)
+    per_seed, replaced = {}, []
     for s in seeds:
         noisy = _eval(exp, s, eval_w, clean_rec=clean_rec)
+        plan = chip_plan(exp, s, calib_w)
+        replaced.append(plan["replaced"])
         exp.set_state(s, plan)
-        maps = exp.calibrate(calib_w, clean_pct, plan)
+        maps = exp.calibrate(calib_w, clean_replaced(clean_pct, plan), plan)
         per_seed[s] = {"noisy": noisy, "romer": _eval(exp, s, eval_w, plan, maps, clean_rec)}
     exp.restore()
     ppl, lb = _summary(per_seed, ("noisy", "romer"), seeds)
     red, red_ci = paired_reduction(ppl["noisy"]["per_seed"], ppl["romer"]["per_seed"])
-    return {"scale": scale, "seeds": list(seeds), "replaced_experts": plan["replaced"],
+    return {"scale": scale, "seeds": list(seeds), "replaced_experts_per_chip": sum(replaced) / len(replaced),
             "ppl": {"clean": clean_ppl, **ppl}, "ppl_reduction_pct": red, "ppl_reduction_ci95": red_ci,
             "load_balance": lb}
 
@@ -60,25 +59,26 @@ def drift_curve(exp, calib_w, eval_w, clean_rec, times) -> dict:
     ("romer_recalibrated"). The same seed is the same chip: same programming noise and drift
     exponents, read at different times."""
     seeds = exp.params.eval.seeds
-    r = exp.params.replace
     t0 = exp.params.noise.t_inference_s
-    plan = make_plan(profile_routing(exp, calib_w)["noisy_load"], r.tau, r.max_per_layer, r.strategy)
-    clean_pct = pct_from_json(clean_percentiles(exp, plan, calib_w)["clean_replaced"])
-    maps_t0 = {}
-    for s in seeds:
+    clean_pct = clean_percentiles(exp, calib_w)
+    maps_t0, plans = {}, {}
+    for s in seeds:  # each chip is profiled, replaced and calibrated once, at t0
+        plans[s] = plan = chip_plan(exp, s, calib_w)
         exp.set_state(s, plan, t_inference_s=t0)
-        maps_t0[s] = exp.calibrate(calib_w, clean_pct, plan)
+        maps_t0[s] = exp.calibrate(calib_w, clean_replaced(clean_pct, plan), plan)
     rows = []
     for t in times:
         per_seed = {}
         for s in seeds:
             noisy = _eval(exp, s, eval_w, clean_rec=clean_rec, t=t)
+            plan = plans[s]
             once = _eval(exp, s, eval_w, plan, maps_t0[s], clean_rec, t=t)
             exp.set_state(s, plan, t_inference_s=t)
-            maps_t = exp.calibrate(calib_w, clean_pct, plan)
+            maps_t = exp.calibrate(calib_w, clean_replaced(clean_pct, plan), plan)
             recal = _eval(exp, s, eval_w, plan, maps_t, clean_rec, t=t)
             per_seed[s] = {"noisy": noisy, "romer": once, "romer_recalibrated": recal}
         ppl, lb = _summary(per_seed, ("noisy", "romer", "romer_recalibrated"), seeds)
         rows.append({"t_s": t, "ppl": ppl, "load_balance": lb})
     exp.restore()
-    return {"t0_s": t0, "replaced_experts": plan["replaced"], "points": rows}
+    return {"t0_s": t0, "replaced_experts_per_chip": sum(p["replaced"] for p in plans.values()) / len(seeds),
+            "points": rows}

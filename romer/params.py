@@ -161,6 +161,20 @@ class EvalParams(_Section):
         return v
 
 
+class BeyondParams(_Section):
+    """Beyond-the-paper stages (beyond/dvc.yaml): noise-scale sweep and drift over deployment time."""
+
+    scales: list[float] = Field(default_factory=lambda: [2, 4, 6, 8, 10, 12], min_length=1)
+    drift_times_s: list[float] = Field(default_factory=lambda: [3600, 86400, 2592000, 31536000], min_length=1)
+
+    @field_validator("scales", "drift_times_s")
+    @classmethod
+    def _positive(cls, v):
+        if any(x <= 0 for x in v):
+            raise ValueError(f"values must be > 0, got {v}")
+        return v
+
+
 class MlflowParams(_Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "romer"
@@ -176,6 +190,7 @@ class Params(_Section):
     replace: ReplaceParams = Field(default_factory=ReplaceParams)
     calibrate: CalibrateParams = Field(default_factory=CalibrateParams)
     eval: EvalParams = Field(default_factory=EvalParams)
+    beyond: BeyondParams = Field(default_factory=BeyondParams)
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
 
 

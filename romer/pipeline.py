@@ -70,9 +70,18 @@ def profile_routing(exp, windows) -> dict:
 
 # ---- replace ------------------------------------------------------------------------------------
 def run_replace(params) -> dict:
+    """The expected plan (from the load averaged over the calib.seeds instances), the plan each of
+    those instances would make for itself, and the per-chip budget (mean fraction of experts
+    replaced), which sizes the heterogeneous baseline."""
     profile = read_json(PROFILE_JSON)
     r = params.replace
     plan = make_plan(profile["noisy_load"], r.tau, r.max_per_layer, r.strategy)
+    per_chip = {seed: make_plan({k: v["load"] for k, v in rep["layers"].items()}, r.tau, r.max_per_layer,
+                                r.strategy) for seed, rep in profile["noisy"].items()}
+    n_slots = len(profile["noisy_load"]) * profile["num_experts"]
+    plan["per_chip_replaced"] = {seed: p["replaced"] for seed, p in per_chip.items()}
+    plan["budget_fraction"] = sum(plan["per_chip_replaced"].values()) / len(per_chip) / n_slots
+    plan["per_chip_plans"] = {seed: p["layers"] for seed, p in per_chip.items()}
     write_json(PLAN_JSON, plan)
     return plan
 
@@ -106,90 +115,114 @@ def run_percentiles(params, exp=None) -> dict:
     return out
 
 
-def clean_percentiles(exp, plan, windows) -> dict:
-    """Clean router-logit percentiles {layer: [E, 2]}, plain ("clean") and with the replacement
-    plan programmed in ("clean_replaced": a copy_router replica's target is its source's)."""
+def clean_replaced(clean_pct: dict, plan) -> dict:
+    """Clean percentile targets of a replaced model: a copy_router replica's logits follow its
+    source's router row, so its target is the source's; split/average replicas are masked anyway."""
+    out = {k: v.clone() for k, v in clean_pct.items()}
+    if plan and plan["strategy"] == "copy_router":
+        for layer, pairs in pairs_by_layer(plan).items():
+            for slot, src in pairs:
+                out[layer][slot] = clean_pct[layer][src]
+    return out
+
+
+def clean_percentiles(exp, windows) -> dict:
+    """Clean router-logit percentiles {layer: [E, 2]} on the calibration windows."""
     exp.set_state(None)
     clean = exp.logit_percentiles(windows)
-    exp.set_state(None, plan)
-    clean_replaced = exp.logit_percentiles(windows, plan)
     exp.restore()
-    return {"clean": _pct_to_json(clean), "clean_replaced": _pct_to_json(clean_replaced)}
+    return clean
 
 
 def compute_percentiles(exp, plan, windows) -> dict:
     params = exp.params
-    cp = clean_percentiles(exp, plan, windows)
-    clean, clean_replaced = pct_from_json(cp["clean"]), pct_from_json(cp["clean_replaced"])
+    clean = clean_percentiles(exp, windows)
 
     def instances(with_plan):
         return [lambda s=s: exp.set_state(s, with_plan) for s in params.calib.seeds]
 
     expected = {"calibrate_only": exp.calibrate(windows, clean, None, instances(None)),
-                "romer": exp.calibrate(windows, clean_replaced, plan, instances(plan))}
+                "romer": exp.calibrate(windows, clean_replaced(clean, plan), plan, instances(plan))}
     exp.restore()
     out = {"percentiles": list(params.calibrate.percentiles), "layerwise": params.calibrate.layerwise,
-           "seeds": list(params.calib.seeds), **cp,
+           "seeds": list(params.calib.seeds), "clean": _pct_to_json(clean),
            "expected": {k: _maps_to_json(v) for k, v in expected.items()}}
     return out
 
 
 # ---- evaluate -----------------------------------------------------------------------------------
-def method_specs(plan, modes=("per_chip",), hetero=None, analog=()):
-    """{method name: spec}. A spec says whether the replacement plan is programmed in, which
-    calibration (None, per_chip or expected) runs, and for the heterogeneous baseline which
-    analog kinds get noise and which experts stay digital."""
-    specs = {"noisy": dict(plan=False, cal=None), "replace_only": dict(plan=True, cal=None)}
+def method_specs(modes=("per_chip",), hetero=None, analog=()):
+    """{method name: spec}. A spec says which replacement plan is programmed in (None; "chip": made
+    from this noise instance's own routing profile on calibration data; "expected": the replace
+    stage's plan from other instances), which calibration runs (None, per_chip or expected), and for
+    the heterogeneous baseline which analog kinds get noise and which experts stay digital."""
+    plan_of = {"per_chip": "chip", "expected": "expected"}
+    specs = {"noisy": dict(plan=None, cal=None), "replace_only": dict(plan=plan_of[modes[0]], cal=None)}
     for name, uses_plan in (("calibrate_only", False), ("romer", True)):
         for mode in modes:
-            specs[name if mode == modes[0] else f"{name}_{mode}"] = dict(plan=uses_plan, cal=mode)
+            specs[name if mode == modes[0] else f"{name}_{mode}"] = dict(
+                plan=plan_of[mode] if uses_plan else None, cal=mode)
     no_attn = [k for k in analog if k != "attention"]
-    slots = pairs_by_layer(plan) if plan else {}
     for name, digital in (hetero or {}).items():
-        specs[name] = dict(plan=False, cal=None, kinds=no_attn, digital=digital)
-        if name == "hetero_digital" and plan and plan["replaced"]:
-            # Combined with ROMER: a replaced slot holds a copy, so it cannot also stay digital.
-            keep = {l: [e for e in ex if e not in {s for s, _ in slots.get(l, [])}] for l, ex in digital.items()}
-            specs["hetero_digital_romer"] = dict(plan=True, cal=modes[0], kinds=no_attn, digital=keep)
+        specs[name] = dict(plan=None, cal=None, kinds=no_attn, digital=digital)
+        if name == "hetero_digital":
+            specs["hetero_digital_romer"] = dict(plan=plan_of[modes[0]], cal=modes[0], kinds=no_attn,
+                                                 digital=digital)
     return specs
 
 
+def chip_plan(exp, seed, calib_w) -> dict:
+    """Replacement plan of one chip: its own expert load on the calibration data under its noise."""
+    r = exp.params.replace
+    exp.set_state(seed)
+    rep = routing_report(_record_routing(exp, calib_w), exp.num_experts, r.tau)
+    return make_plan({k: v["load"] for k, v in rep["layers"].items()}, r.tau, r.max_per_layer, r.strategy)
+
+
 def evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, specs=None, modes=("per_chip",)):
-    """PPL and routing report of each method on one noise instance. Raises on any failure."""
+    """PPL and routing report of each method on one noise instance. Raises on any failure.
+
+    plan: the replace stage's (expected) plan; the per-chip plan is made here when a method needs it.
+    """
     p = exp.params
-    specs = specs or method_specs(plan, modes, analog=exp.analog_kinds)
-    aliases = pairs_by_layer(plan) if plan else {}
+    specs = specs or method_specs(modes, analog=exp.analog_kinds)
     clean_pct = pct_from_json(pct["clean"])
-    clean_rep_pct = pct_from_json(pct["clean_replaced"])
+    plans = {None: None, "expected": plan}
+    if any(sp["plan"] == "chip" for sp in specs.values()):
+        plans["chip"] = chip_plan(exp, seed, calib_w)
     res = {}
     for name, sp in specs.items():
-        state_plan = plan if sp["plan"] else None
-        exp.set_state(seed, state_plan, kinds=sp.get("kinds"), digital=sp.get("digital"))
+        state_plan = plans[sp["plan"]]
+        digital = sp.get("digital")
+        if digital and state_plan:  # a replaced slot holds a copy, so it cannot also stay digital
+            slots = pairs_by_layer(state_plan)
+            digital = {l: [e for e in ex if e not in {s for s, _ in slots.get(l, [])}] for l, ex in digital.items()}
+        exp.set_state(seed, state_plan, kinds=sp.get("kinds"), digital=digital)
         maps = None
         if sp["cal"] == "per_chip":
-            maps = exp.calibrate(calib_w, clean_rep_pct if state_plan else clean_pct, state_plan)
+            target = clean_replaced(clean_pct, state_plan) if state_plan else clean_pct
+            maps = exp.calibrate(calib_w, target, state_plan)
         elif sp["cal"] == "expected":
             maps = maps_from_json(pct["expected"]["romer" if sp["plan"] else "calibrate_only"])
         rec = Recorder(indices=True)
         ppl = perplexity(exp.model, exp.adapter, eval_w, p.eval.batch_size, exp.device,
                          exp.routing_plan(state_plan, maps), rec)
-        res[name] = {"ppl": ppl, "routing": routing_report(rec, exp.num_experts, p.replace.tau, clean_rec,
-                                                           aliases if state_plan else None)}
+        res[name] = {"ppl": ppl, "replaced": state_plan["replaced"] if state_plan else 0,
+                     "state": (state_plan, maps),  # reused by the zero-shot tasks
+                     "routing": routing_report(rec, exp.num_experts, p.replace.tau, clean_rec,
+                                               pairs_by_layer(state_plan) if state_plan else None)}
     return res
 
 
 def hetero_budgets(exp, plan, fractions) -> dict:
-    """Digital expert sets of the heterogeneous baseline: at ROMER's budget (the fraction of experts
-    it rewrites) and at each fixed fraction of experts per layer."""
+    """Digital expert sets of the heterogeneous baseline: at ROMER's budget (the mean fraction of
+    experts it rewrites per chip) and at each fixed fraction of experts per layer."""
     from .hetero import sensitive_experts
 
-    if not fractions and not plan["replaced"]:
-        return {}
     exp.set_state(None)
     out = {}
-    if plan["replaced"]:
-        out["hetero_digital"] = sensitive_experts(exp.adapter, exp.model,
-                                                  plan["replaced"] / (len(exp.layers) * exp.num_experts))
+    if plan.get("budget_fraction", 0) > 0:
+        out["hetero_digital"] = sensitive_experts(exp.adapter, exp.model, plan["budget_fraction"])
     for f in fractions:
         out[f"hetero_digital_{100 * f:g}pct".replace(".", "p")] = sensitive_experts(exp.adapter, exp.model, f)
     return out
@@ -220,7 +253,7 @@ def run_evaluate(params, exp=None, log_mlflow=True) -> dict:
     clean_ppl = perplexity(exp.model, exp.adapter, eval_w, e.batch_size, exp.device, None, clean_rec,
                            desc="evaluate: clean")
     clean_routing = routing_report(clean_rec, exp.num_experts, params.replace.tau)
-    specs = method_specs(plan, modes, hetero_budgets(exp, plan, e.hetero_fractions), exp.analog_kinds)
+    specs = method_specs(modes, hetero_budgets(exp, plan, e.hetero_fractions), exp.analog_kinds)
     per_seed = {}
     for seed in tqdm(e.seeds, desc="evaluate: noise seeds"):
         per_seed[seed] = evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, specs)
@@ -252,7 +285,10 @@ def run_evaluate(params, exp=None, log_mlflow=True) -> dict:
         "noise": {"source": params.noise.source, "scale": params.noise.scale,
                   "t_inference_s": params.noise.t_inference_s, "analog": list(params.cim.analog)},
         "method": {"tau": params.replace.tau, "strategy": params.replace.strategy,
-                   "replaced_experts": plan["replaced"], "percentiles": list(params.calibrate.percentiles),
+                   "replaced_experts_expected_plan": plan["replaced"],
+                   "replaced_experts_per_chip": mean_ci([per_seed[s]["romer"]["replaced"] for s in e.seeds])["mean"]
+                   if mode == "per_chip" else plan["replaced"],
+                   "budget_fraction": plan.get("budget_fraction", 0.0), "percentiles": list(params.calibrate.percentiles),
                    "mode": mode, "layerwise": params.calibrate.layerwise},
         "ppl": ppl,
         "ppl_reduction_pct": red,
@@ -264,7 +300,8 @@ def run_evaluate(params, exp=None, log_mlflow=True) -> dict:
     if e.tasks:
         from .tasks import evaluate_tasks
 
-        out["tasks"] = evaluate_tasks(exp, e.tasks, plan, pct, calib_w, limit=e.task_limit)
+        out["tasks"] = evaluate_tasks(exp, e.tasks, {s: per_seed[s]["romer"]["state"] for s in e.seeds},
+                                      limit=e.task_limit)
     exp.restore()
     # Wall time goes to the log and MLflow, not eval.json, which must be identical across reruns.
     wall = time.time() - t0

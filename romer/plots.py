@@ -87,3 +87,46 @@ def plot_eval(ev: dict, out_dir):
     ax.set_ylabel("CV of expert load")
     ax.legend(fontsize=7)
     _save(fig, out_dir / "eval_cv_per_layer.png")
+
+
+def plot_sweep(sw: dict, out_dir):
+    """PPL and load CV against the noise scale, noisy vs ROMER."""
+    out_dir = Path(out_dir)
+    _csv(out_dir / "sweep.csv", ["scale", "noisy", "romer", "cv_noisy", "cv_romer"],
+         [[s, round(a, 4), round(b, 4), round(c, 5), round(d, 5)]
+          for s, a, b, c, d in zip(sw["scale"], sw["noisy"], sw["romer"], sw["cv_noisy"], sw["cv_romer"])])
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.3))
+    for key, label in (("noisy", "noisy"), ("romer", "ROMER")):
+        lo = [sw[key][i] - sw[f"{key}_ci95"][i][0] for i in range(len(sw["scale"]))]
+        hi = [sw[f"{key}_ci95"][i][1] - sw[key][i] for i in range(len(sw["scale"]))]
+        a1.errorbar(sw["scale"], sw[key], yerr=[lo, hi], marker="o", capsize=3, label=label)
+    a1.axhline(sw["clean"], color="tab:green", ls="--", label="clean")
+    a1.set_xlabel("noise scale")
+    a1.set_ylabel("perplexity")
+    a1.set_yscale("log")
+    a1.legend(fontsize=8)
+    a2.plot(sw["scale"], sw["cv_noisy"], marker="o", label="noisy")
+    a2.plot(sw["scale"], sw["cv_romer"], marker="o", label="ROMER")
+    a2.set_xlabel("noise scale")
+    a2.set_ylabel("CV of expert load (layer mean)")
+    a2.legend(fontsize=8)
+    fig.suptitle(f"noise-scale sweep, {len(sw['seeds'])} seeds, 95% CI", fontsize=10)
+    _save(fig, out_dir / "sweep.png")
+
+
+def plot_drift(dr: dict, out_dir):
+    """PPL against time since programming: noisy, ROMER calibrated at t0, ROMER re-calibrated."""
+    out_dir = Path(out_dir)
+    _csv(out_dir / "drift.csv", ["t_s", "noisy", "romer", "romer_recalibrated"],
+         [[t, round(a, 4), round(b, 4), round(c, 4)]
+          for t, a, b, c in zip(dr["t_s"], dr["noisy"], dr["romer"], dr["romer_recalibrated"])])
+    fig, ax = plt.subplots(figsize=(5, 3.3))
+    ax.plot(dr["t_s"], dr["noisy"], marker="o", label="noisy")
+    ax.plot(dr["t_s"], dr["romer"], marker="o", label=f"ROMER, calibrated at t0 = {dr['t0_s']:g} s")
+    ax.plot(dr["t_s"], dr["romer_recalibrated"], marker="o", label="ROMER, re-calibrated at t")
+    ax.axhline(dr["clean"], color="tab:green", ls="--", label="clean")
+    ax.set_xscale("log")
+    ax.set_xlabel("time since programming (s)")
+    ax.set_ylabel("perplexity")
+    ax.legend(fontsize=7)
+    _save(fig, out_dir / "drift.png")

@@ -269,19 +269,18 @@ def run_tasks(lm, task_dict, limit=None) -> dict:
     return {name: _score(name, res["results"][name]) for name in task_dict["tasks"]}
 
 
-def evaluate_tasks(exp, tasks, plan, pct, calib_w, limit=None, root=TASKS_DIR, batch_size=None) -> dict:
+def evaluate_tasks(exp, tasks, romer_states, limit=None, root=TASKS_DIR, batch_size=None) -> dict:
     """Zero-shot accuracy of the clean model and, per eval seed, of `noisy` and `romer`.
 
-    romer = the replacement plan programmed in plus percentile recalibration: per-chip maps
-    (calibrate.mode per_chip, from `calib_w` on the very instance) or the pooled `expected` maps
-    from the percentiles stage. Returns {task: {"metric", "n_items", "clean", "noisy", "romer",
+    romer_states: {seed: (plan, maps)}, the replacement plan and percentile maps ROMER used on that
+    noise instance in the perplexity evaluation (romer.pipeline.evaluate_seed), reused here so
+    the tasks see exactly the same repaired model. Returns {task: {"metric", "n_items", "clean", "noisy", "romer",
     "all": {other metric: {"clean", "noisy", "romer"}}}}; "metric" names the main metric
     (builtin_cloze: acc_mutual_info; lm-eval tasks: acc where they have it), and noisy/romer are
     mean_ci over the eval seeds.
     """
     from lm_eval.models.huggingface import HFLM
 
-    from .pipeline import maps_from_json, pct_from_json
     from .routing import routed
 
     p = exp.params
@@ -305,15 +304,11 @@ def evaluate_tasks(exp, tasks, plan, pct, calib_w, limit=None, root=TASKS_DIR, b
     runs = {"clean": None, "noisy": [], "romer": []}
     exp.set_state(None)
     runs["clean"] = state("clean", None)
-    clean_rep_pct = pct_from_json(pct["clean_replaced"])
     for seed in p.eval.seeds:
         exp.set_state(seed)
         runs["noisy"].append(state(f"seed {seed} noisy", None))
+        plan, maps = romer_states[seed]
         exp.set_state(seed, plan)
-        if mode == "per_chip":
-            maps = exp.calibrate(calib_w, clean_rep_pct, plan)
-        else:
-            maps = maps_from_json(pct["expected"]["romer"])
         runs["romer"].append(state(f"seed {seed} romer ({mode})", exp.routing_plan(plan, maps)))
     exp.restore()
 

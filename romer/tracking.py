@@ -74,7 +74,7 @@ def _check_reachable(uri: str):
             raise ConnectionError(f"MLflow tracking server {uri} is not reachable ({type(e).__name__}: {e})")
 
 
-def log_run(params, ev: dict, extra_metrics=None, strict=False) -> str | None:
+def log_run(params, ev: dict, extra_metrics=None, strict=False, run_name=None, extra_artifacts=()) -> str | None:
     """Log one run; returns its id. With strict=False a failure warns once and returns None."""
     cfg = params.mlflow
     if not cfg.enabled:
@@ -87,7 +87,8 @@ def log_run(params, ev: dict, extra_metrics=None, strict=False) -> str | None:
 
         mlflow.set_tracking_uri(cfg.tracking_uri)
         mlflow.set_experiment(cfg.experiment)
-        with mlflow.start_run(run_name=f"{params.model.source}|{params.noise.source}|x{params.noise.scale}") as run:
+        name = run_name or f"{params.model.source}|{params.noise.source}|x{params.noise.scale}"
+        with mlflow.start_run(run_name=name) as run:
             flat = {k: ("null" if v is None else v) for k, v in flatten(params.model_dump(mode="json")).items()}
             mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
             metrics = metrics_from_eval(ev)
@@ -95,7 +96,7 @@ def log_run(params, ev: dict, extra_metrics=None, strict=False) -> str | None:
             mlflow.log_metrics(metrics)
             mlflow.set_tags({"git_commit": git_commit(), "git_dirty": git_dirty(), "model": params.model.source,
                              "noise_source": params.noise.source, "dataset": ev.get("dataset", "")})
-            for a in ARTIFACTS:
+            for a in list(ARTIFACTS) + list(extra_artifacts):
                 p = Path(a)
                 if p.is_dir():
                     mlflow.log_artifacts(str(p), artifact_path=p.name)

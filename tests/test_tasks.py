@@ -117,8 +117,7 @@ def setup(tmp_path_factory):
     exp.set_state(None)
     got = collect_logits(exp.model, exp.adapter, calib_w, 4, "cpu")
     clean = {str(k): percentiles(v, *params.calibrate.percentiles).tolist() for k, v in got.items()}
-    pct = {"clean": clean, "clean_replaced": clean,
-           "expected": {"romer": {k: {"a": [1.0] * 8, "b": [0.0] * 8} for k in clean}}}
+    pct = {"clean": clean}
     plan = {"strategy": "copy_router", "tau": 0.25, "max_per_layer": 0, "layers": {}, "replaced": 0}
     exp.states.clear()
     return tmp, exp, plan, pct, calib_w
@@ -145,7 +144,13 @@ def test_evaluate_tasks_shape(setup, capsys, monkeypatch):
     seen, run = [], romer.tasks.run_tasks
     monkeypatch.setattr(romer.tasks, "run_tasks",
                         lambda *a, **k: seen.append(exp.model.config.output_router_logits) or run(*a, **k))
-    out = evaluate_tasks(exp, ["builtin_cloze"], plan, pct, calib_w, limit=24, root=tmp / "cache")
+    clean = {int(k): torch.tensor(v, dtype=torch.float64) for k, v in pct["clean"].items()}
+    states = {}
+    for seed in (0, 1):
+        exp.set_state(seed, plan)
+        states[seed] = (plan, exp.calibrate(calib_w, clean, plan))
+    exp.states.clear()
+    out = evaluate_tasks(exp, ["builtin_cloze"], states, limit=24, root=tmp / "cache")
     assert seen == [False] * 5  # off while lm-eval runs (transformers crashes in generation otherwise)
     assert exp.model.config.output_router_logits is True  # restored afterwards
     assert list(out) == ["builtin_cloze"]
@@ -170,7 +175,9 @@ def test_evaluate_tasks_expected_mode(setup):
     exp.params.calibrate.mode = "expected"
     exp.params.eval.seeds = [3]
     try:
-        out = evaluate_tasks(exp, ["builtin_cloze"], plan, pct, calib_w, limit=8, root=tmp / "cache")
+        identity = {k: (torch.ones(8, dtype=torch.float64), torch.zeros(8, dtype=torch.float64))
+                    for k in exp.layers}
+        out = evaluate_tasks(exp, ["builtin_cloze"], {3: (plan, identity)}, limit=8, root=tmp / "cache")
     finally:
         exp.params.calibrate.mode = "per_chip"
         exp.params.eval.seeds = [0, 1]
@@ -181,6 +188,6 @@ def test_evaluate_tasks_expected_mode(setup):
 def test_unknown_task_names_the_task_and_the_local_tasks(setup):
     tmp, exp, plan, pct, calib_w = setup
     with pytest.raises(UserError) as e:
-        evaluate_tasks(exp, ["builtin_cloze", "no_such_task_xyz"], plan, pct, calib_w, root=tmp / "cache")
+        evaluate_tasks(exp, ["builtin_cloze", "no_such_task_xyz"], {}, root=tmp / "cache")
     msg = str(e.value)
     assert "no_such_task_xyz" in msg and all(n in msg for n in LOCAL_TASKS)
