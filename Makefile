@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CONSTRAINTS ?= constraints-cpu.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: repro test install clean-venv mlflow-ui
+.PHONY: repro beyond test install clean-venv mlflow-ui
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,10 @@ install: $(STAMP)
 repro: $(STAMP)
 	$(BIN)/dvc config --local core.analytics false
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+
+# Beyond the paper (noise-scale sweep, drift over time, report); run after `make repro`.
+beyond: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro beyond/dvc.yaml
 
 test: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q
