@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from romer.evaluation import mean_ci, paired_reduction, perplexity  # noqa: E402
@@ -42,7 +44,7 @@ def main(argv=None):
     ap.add_argument("--dataset", default="builtin-validation")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--max-tokens", type=int, default=None)
-    ap.add_argument("--parts", nargs="+", default=["scales", "parts", "methods"])
+    ap.add_argument("--parts", nargs="+", default=["scales", "parts", "limits", "methods"])
     ap.add_argument("--scales", type=float, nargs="+", default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--scale", type=float, default=None, help="noise scale of the method ablation (default: params)")
     ap.add_argument("--strategies", nargs="+", default=["copy_router", "split", "average"])
@@ -88,6 +90,35 @@ def main(argv=None):
             parts[kind] = mean_ci([noisy_ppl(seed, kinds=kinds) for seed in args.seeds])
             print(f"noise on {kind:15s}: PPL {parts[kind]['mean']:.2f}")
         out["damage_by_part"] = parts
+
+    if "limits" in args.parts:
+        # What routing repair could reach at best: noisy weights, but every token routed to its clean
+        # top-k set (weights from the noisy logits restricted to that set, as the family routes).
+        from romer.routing import LayerRouting
+
+        def oracle_plan():
+            queues = {layer: list(clean_rec.indices[layer]) for layer in exp.layers}
+            pos = {layer: 0 for layer in exp.layers}
+
+            def make(layer):
+                def transform(logits):
+                    idx = queues[layer][pos[layer]].long().to(logits.device)
+                    pos[layer] += 1
+                    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, idx, True)
+                    return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
+                return LayerRouting(transform=transform)
+            return {layer: make(layer) for layer in exp.layers}
+
+        rows = {"noisy": [], "oracle_routing": []}
+        for seed in args.seeds:
+            rows["noisy"].append(noisy_ppl(seed))
+            rows["oracle_routing"].append(perplexity(exp.model, exp.adapter, eval_w, e.batch_size, exp.device,
+                                                     oracle_plan()))
+        out["limits"] = {k: mean_ci(v) for k, v in rows.items()}
+        red, ci = paired_reduction(rows["noisy"], rows["oracle_routing"])
+        out["limits"]["oracle_reduction_pct"], out["limits"]["oracle_reduction_ci95"] = red, ci
+        print(f"oracle routing (clean top-k sets on the noisy model): PPL {out['limits']['oracle_routing']['mean']:.2f} "
+              f"vs noisy {out['limits']['noisy']['mean']:.2f} ({red:+.1f}%)")
 
     if "methods" in args.parts:
         profile = profile_routing(exp, calib_w)

@@ -55,6 +55,7 @@ class Experiment:
         self.weights = AnalogWeights(tensors, noise_model, tile_rows=params.cim.tile_rows, levels=params.cim.levels)
         self._expert_tensors = [(n, t) for n, k, t in tensors if k == "routed_experts"]
         self.sentinel_ok = not params.model.trust_remote_code
+        self._state_key = None  # what the weights hold now (see set_state)
 
     # ---- data ------------------------------------------------------------------------------
     def windows(self, dataset, seq_len, n_seqs=None, max_tokens=None, key="eval"):
@@ -76,16 +77,25 @@ class Experiment:
         """
         n = self.params.noise
         edit = weight_edit(plan, self.weights.clean) if plan and plan["replaced"] else None
+        scale = n.scale if scale is None else scale
+        t_inference_s = n.t_inference_s if t_inference_s is None else t_inference_s
+        kinds = self.analog_kinds if kinds is None else kinds
+        # The weights are a pure function of this key, so an unchanged key needs no new noise pass.
+        key = json.dumps([seed, plan["layers"] if edit else None, plan["strategy"] if edit else None, scale,
+                          t_inference_s, n.drift_compensation, sorted(kinds), digital], sort_keys=True, default=str)
+        if key == self._state_key:
+            return
+        self._state_key = key
         if seed is None and edit is None:
             self.weights.restore()
             return
         self.weights.apply(
             seed=0 if seed is None else seed,
-            scale=n.scale if scale is None else scale,
-            t_inference_s=n.t_inference_s if t_inference_s is None else t_inference_s,
+            scale=scale,
+            t_inference_s=t_inference_s,
             drift_compensation=n.drift_compensation,
             edit=edit,
-            kinds=[] if seed is None else (self.analog_kinds if kinds is None else kinds),
+            kinds=[] if seed is None else kinds,
         )
         if digital:
             self._keep_digital(digital)
@@ -103,6 +113,7 @@ class Experiment:
 
     def restore(self):
         self.weights.restore()
+        self._state_key = None
 
     # ---- routing plans ---------------------------------------------------------------------
     def replacement_fns(self, plan) -> dict:

@@ -157,11 +157,13 @@ def method_specs(modes=("per_chip",), hetero=None, analog=()):
     stage's plan from other instances), which calibration runs (None, per_chip or expected), and for
     the heterogeneous baseline which analog kinds get noise and which experts stay digital."""
     plan_of = {"per_chip": "chip", "expected": "expected"}
-    specs = {"noisy": dict(plan=None, cal=None), "replace_only": dict(plan=plan_of[modes[0]], cal=None)}
-    for name, uses_plan in (("calibrate_only", False), ("romer", True)):
-        for mode in modes:
-            specs[name if mode == modes[0] else f"{name}_{mode}"] = dict(
-                plan=plan_of[mode] if uses_plan else None, cal=mode)
+    # Ordered so that methods sharing a weight state run back to back (one noise pass per state).
+    specs = {"noisy": dict(plan=None, cal=None)}
+    for mode in modes:
+        specs["calibrate_only" if mode == modes[0] else f"calibrate_only_{mode}"] = dict(plan=None, cal=mode)
+    specs["replace_only"] = dict(plan=plan_of[modes[0]], cal=None)
+    for mode in modes:
+        specs["romer" if mode == modes[0] else f"romer_{mode}"] = dict(plan=plan_of[mode], cal=mode)
     no_attn = [k for k in analog if k != "attention"]
     for name, digital in (hetero or {}).items():
         specs[name] = dict(plan=None, cal=None, kinds=no_attn, digital=digital)
