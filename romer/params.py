@@ -41,25 +41,25 @@ class BuiltinParams(_Section):
     split_chunks: int = Field(10, ge=1)  # held-out text is taken from this many places in the corpus
     max_chars: Optional[int] = Field(None, gt=0)  # cap the corpus (tests use a small slice)
     vocab_size: int = Field(4096, ge=260)
-    hidden_size: int = Field(256, gt=0)
+    hidden_size: int = Field(128, gt=0)
     num_layers: int = Field(4, gt=0)
-    num_heads: int = Field(4, gt=0)
+    num_heads: int = Field(2, gt=0)
     num_experts: int = Field(16, ge=2)
     top_k: int = Field(2, ge=1)
-    intermediate_size: int = Field(256, gt=0)
+    intermediate_size: int = Field(128, gt=0)  # per routed expert
     tie_embeddings: bool = False
     experts_implementation: Literal["grouped_mm", "eager"] = "grouped_mm"
     seq_len: int = Field(256, ge=8)
-    batch_size: int = Field(16, gt=0)
-    steps: int = Field(600, gt=0)
-    lr: float = Field(3e-3, gt=0)
-    warmup_steps: int = Field(50, ge=0)
+    batch_size: int = Field(8, gt=0)
+    steps: int = Field(1800, gt=0)
+    lr: float = Field(5e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
     min_lr_frac: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     aux_loss_coef: float = Field(0.05, ge=0)  # per-layer Switch load-balancing loss
     z_loss_coef: float = Field(0.001, ge=0)  # router z-loss, as OLMoE
-    eval_every: Optional[int] = Field(None, gt=0)  # validation-loss probe every N steps (None: at the end)
+    eval_every: Optional[int] = Field(300, gt=0)  # validation-loss probe every N steps (None: at the end)
     eval_windows: int = Field(32, gt=0)  # windows of the validation probe during training
     eval_tokens: Optional[int] = Field(None, gt=0)  # cap on the val/test tokens of the final report
     seed: int = 0
@@ -106,7 +106,7 @@ class CimParams(_Section):
 
 class CalibParams(_Section):
     dataset: str = "builtin-train"  # builtin-train | builtin-validation | local text file | hub dataset
-    n_seqs: int = Field(128, gt=0)
+    n_seqs: int = Field(64, gt=0)
     seq_len: int = Field(256, ge=8)
     batch_size: int = Field(16, gt=0)
     seeds: list[int] = Field(default_factory=lambda: [100, 101, 102], min_length=1)
@@ -115,7 +115,7 @@ class CalibParams(_Section):
 class ReplaceParams(_Section):
     tau: float = Field(0.25, ge=0)
     max_per_layer: int = Field(2, ge=0)
-    strategy: Literal["copy_router", "split", "average"] = "copy_router"
+    strategy: Literal["copy_router", "split", "average"] = "split"
 
 
 class CalibrateParams(_Section):

@@ -8,8 +8,14 @@ metrics/plots/builtin_train_loss.csv. Otherwise: fetch the hub model or copy the
 
 import csv
 import io
+import os
 import sys
 from pathlib import Path
+
+# Before torch loads OpenMP: idle threads sleep instead of spinning. On a CPU shared with other
+# processes, spinning OpenMP threads made a training step 5x slower (measured, docs/builtin_model.md);
+# on an idle CPU the cost is small.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Repo root instead of stages/ on the path: stages/profile.py would shadow the stdlib `profile`.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -38,11 +44,16 @@ def write_curve(path, history):
 def main():
     params = load_params()
     if params.model.source == "builtin":
-        from romer.builtin import train_builtin
+        from romer.builtin import train_builtin, tune_malloc
 
+        tune_malloc()
         report = train_builtin(params.builtin, OUT)
         write_curve(CURVE, report.pop("history"))
+        # Wall times go to the log (and docs/builtin_model.md), not to the DVC metrics, which must be
+        # identical across reruns of the same params.
+        times = {k: report.pop(k) for k in [k for k in report if k.endswith("_time_s")]}
         write_json(METRICS, report)
+        report.update(times)
         s = report["summary"]
         print(f"builtin model: {report['params']:,} parameters, trained in {report['train_time_s']:.0f} s "
               f"(stage {report['total_time_s']:.0f} s); val ppl {report['val_ppl']:.2f}, "

@@ -152,6 +152,14 @@ def test_saved_model_reloads_with_identical_logits(tiny_run):
         c = again.eval()(ids).logits
     assert torch.equal(a, b) and torch.equal(a, c)
 
+    # The reported loss is the one transformers computes with labels=input_ids (what `evaluate` uses).
+    from romer.builtin import evaluate
+
+    w = torch.randint(0, cfg.vocab_size, (3, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hf = again(input_ids=w, labels=w).loss.item()
+    assert math.isclose(evaluate(again, w, batch_size=2), hf, rel_tol=1e-5)
+
 
 def test_recipe_is_deterministic(tiny_run, tmp_path):
     from safetensors.torch import load_file

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
+GIT_ID = dict(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
 TINY = {
     "builtin": {"max_chars": 300_000, "vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_heads": 2,
                 "num_experts": 8, "top_k": 2, "intermediate_size": 64, "seq_len": 64, "batch_size": 8,
@@ -27,7 +29,7 @@ TINY = {
 
 def run(cmd, cwd, check=True, **kw):
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               HF_HOME=str(Path(cwd) / ".hf_home"), PYTHONUNBUFFERED="1")
+               HF_HOME=str(Path(cwd) / ".hf_home"), PYTHONUNBUFFERED="1", **GIT_ID)
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
     if check and r.returncode:
         raise AssertionError(f"{cmd} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
@@ -98,7 +100,7 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
 
     # Killed midway (SIGKILL): nothing DVC would take as valid, and the rerun succeeds.
     before = (tmp_path / "metrics/eval.json").read_bytes()
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **GIT_ID)
     proc = subprocess.Popen(["dvc", "repro"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     for line in proc.stdout:
@@ -120,3 +122,27 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
     assert snap.keys() == again.keys()
     for name in snap:
         assert snap[name] == again[name], f"metrics/{name} differs between two dvc repro --force runs"
+
+    # Sweeps through DVC's experiment queue: two queued experiments, run by a queue worker.
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], tmp_path)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "base"], tmp_path)
+    for scale in ("2", "16"):
+        run(["dvc", "exp", "run", "--queue", "-S", f"noise.scale={scale}", "-S", "eval.tasks=[]"], tmp_path)
+    run(["dvc", "queue", "start", "--jobs", "1"], tmp_path)
+    deadline = time.time() + 1200
+    while time.time() < deadline:
+        status = run(["dvc", "queue", "status"], tmp_path).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(10)
+    run(["dvc", "queue", "stop"], tmp_path, check=False)
+    assert status.count("Success") == 2, status
+    table = json.loads(run(["dvc", "exp", "show", "--json"], tmp_path).stdout)
+    scales = set()
+    for commit in table:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                p = rev.get("data", {}).get("params", {}).get("params.yaml", {}).get("data", {})
+                if p:
+                    scales.add(p["noise"]["scale"])
+    assert {2, 16} <= scales, scales
