@@ -45,7 +45,8 @@ def eval_table(ev: dict) -> str:
         f"reduction: {lo:.1f}% to {hi:.1f}%), on `{ev['dataset']}` ({ev['tokens']:,} tokens, {len(ev['seeds'])} noise "
         f"seeds), noise `{n['source']}` x{n['scale']:g} at t = {n['t_inference_s']:g} s, analog: "
         f"{', '.join(n['analog'])}. Method: {ev['method']['strategy']}, tau {ev['method']['tau']:g} "
-        f"({ev['method']['replaced_experts']} experts replaced), percentiles {ev['method']['percentiles']}, "
+        f"({ev['method']['replaced_experts_per_chip']:g} experts replaced per chip), percentiles "
+        f"{ev['method']['percentiles']}, "
         f"{ev['method']['mode']} calibration."
     )
     if ev.get("tasks"):
