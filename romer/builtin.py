@@ -361,8 +361,8 @@ def train_builtin(cfg, out_dir, progress: bool = True, return_model: bool = Fals
             tmp.mkdir()
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            # no wall times in the saved directory: the same params give a byte-identical output
-            slim = {k: v for k, v in report.items() if k != "history" and not k.endswith("_time_s")}
+            report["total_time_s"] = round(time.perf_counter() - t_start, 2)
+            slim = {k: v for k, v in report.items() if k != "history"}
             (tmp / "builtin_report.json").write_text(json.dumps(slim, indent=2) + "\n")
     report["total_time_s"] = round(time.perf_counter() - t_start, 2)
     return (report, model) if return_model else report
