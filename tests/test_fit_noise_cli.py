@@ -134,3 +134,17 @@ def test_fit_noise_stage_missing_source(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2
     assert "params key 'noise.source'" in capsys.readouterr().err
     assert not (tmp_path / "noise").exists() and not (tmp_path / "metrics").exists()
+
+
+def test_fit_noise_is_byte_identical_across_runs(tmp_path):
+    from pathlib import Path
+
+    from romer.cli import main
+
+    csv = Path(__file__).resolve().parent.parent / "data/chip/reram_wan2022_sample.csv"
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"fit{i}.json"
+        assert main(["fit-noise", str(csv), "-o", str(out), "--degree", "3"]) == 0
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
