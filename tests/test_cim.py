@@ -13,13 +13,7 @@ PROG_ONLY = NoiseModel(name="prog", kind="json", g_max=25.0, prog_coeffs=list(PC
 LEVELS = [0.1, 0.3, 0.6, 0.9]  # |w| / w_max of the probed weights
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and much faster on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def probe_tensor(rows=20000, shape3d=False):
