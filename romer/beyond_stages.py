@@ -12,13 +12,16 @@ from .routing import Recorder
 SWEEP_DIR = Path("metrics/sweep")
 SWEEP_JSON = "metrics/sweep.json"
 DRIFT_JSON = "metrics/drift.json"
+FAMILY_MODELS = Path("models/families")
+FAMILY_DIR = Path("metrics/families")
+ARCH_JSON = "metrics/architectures.json"
 
 
-def _setup(params):
+def _setup(params, model_dir=None):
     from .evaluation import perplexity
     from .experiment import Experiment
 
-    exp = Experiment(params)
+    exp = Experiment(params) if model_dir is None else Experiment(params, model_dir=model_dir)
     e = params.eval
     eval_w = exp.windows(e.dataset, e.seq_len, max_tokens=e.max_tokens, key="eval")
     calib_w = exp.calib_windows()
@@ -81,6 +84,8 @@ def run_drift(params):
     from .beyond import drift_curve
     from .plots import plot_drift
 
+    if params.beyond.drift_scale is not None:
+        params = params.model_copy(update={"noise": params.noise.model_copy(update={"scale": params.beyond.drift_scale})})
     exp, eval_w, calib_w, clean, clean_rec = _setup(params)
     if not exp.noise_model.has_drift:
         raise UserError(f"noise model from '{params.noise.source}' has no drift (needs a t_s column with two or "
@@ -113,3 +118,75 @@ def run_report(params):
     ev = read_json("metrics/eval.json")
     log_run(params, ev, run_name="report", extra_artifacts=[path])
     return path
+
+
+def run_family_model(params, name):
+    """Train the builtin recipe as family `name` (beyond.families) into models/families/<name>."""
+    from .builtin import train_builtin, tune_malloc
+
+    cfg = params.family_builtin(name)
+    tune_malloc()
+    report = train_builtin(cfg, FAMILY_MODELS / name)
+    print(f"family {name}: {report['model']}, {report['params']:,} parameters, val/test PPL "
+          f"{report['val_ppl']:.2f}/{report['test_ppl']:.2f}, mean load CV {report['summary']['mean_cv']:.3f}")
+    return report
+
+
+def run_family_eval(params, name):
+    """Clean, noisy and ROMER PPL (and load CV) of family `name` at noise.scale, as the sweep points."""
+    from .adapters import describe
+    from .beyond import sweep_point
+    from .tracking import log_run
+
+    model_dir = FAMILY_MODELS / name
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir} is missing: run the family_model stage for {name} (dvc repro beyond/dvc.yaml)")
+    params.family_builtin(name)  # the family must still be in params
+    p = params.model_copy(update={"model": params.model.model_copy(update={"source": str(model_dir)})})
+    exp, eval_w, calib_w, clean, clean_rec = _setup(p, model_dir=model_dir)
+    out = sweep_point(exp, calib_w, eval_w, clean, clean_rec, params.noise.scale)
+    from .evaluation import routing_report
+
+    out["clean_cv"] = routing_report(clean_rec, exp.num_experts, params.replace.tau)["mean"]["cv"]
+    train = read_json(model_dir / "builtin_report.json")
+    out.update(family=name, architecture=describe(exp.model), dataset=params.eval.dataset,
+               noise={"source": params.noise.source, "scale": params.noise.scale},
+               training={k: train[k] for k in ("val_ppl", "test_ppl", "params", "active_params")},
+               training_load_cv=train["summary"]["mean_cv"])
+    write_json(FAMILY_DIR / f"{name}.json", out)
+    log_run(p, out, run_name=f"family {name}")
+    print(f"family {name}: clean {clean:.2f}, noisy {out['ppl']['noisy']['mean']:.2f}, "
+          f"romer {out['ppl']['romer']['mean']:.2f} ({out['ppl_reduction_pct']:+.1f}%)")
+    return out
+
+
+def _family_row(clean, noisy, romer, red, red_ci, cv, extra):
+    return {"clean": clean, "noisy": noisy["mean"], "romer": romer["mean"], "noisy_ci95": noisy["ci95"],
+            "romer_ci95": romer["ci95"], "reduction_pct": red, "reduction_ci95": red_ci,
+            "cv_clean": cv["clean"], "cv_noisy": cv["noisy"], "cv_romer": cv["romer"], **extra}
+
+
+def run_architectures(params):
+    """metrics/architectures.json: {family: {clean, noisy, romer, ...}}, the default OLMoE model from
+    metrics/eval.json and each beyond.families entry from metrics/families/<name>.json."""
+    ev = read_json("metrics/eval.json")
+    if abs(ev["noise"]["scale"] - params.noise.scale) > 1e-12:
+        raise UserError("metrics/eval.json was made at another noise.scale: run `dvc repro` first")
+    lb = ev["load_balance"]
+    out = {"olmoe": _family_row(ev["ppl"]["clean"], ev["ppl"]["noisy"], ev["ppl"]["romer"], ev["ppl_reduction_pct"],
+                                ev["ppl_reduction_ci95"], {k: lb[k]["cv"] for k in ("clean", "noisy", "romer")},
+                                {"router": "softmax", "shared_experts": 0, "source": "metrics/eval.json"})}
+    for name in params.beyond.families:
+        f = FAMILY_DIR / f"{name}.json"
+        if not f.is_file():
+            raise UserError(f"{f} is missing: run the family_eval stage for {name} (dvc repro beyond/dvc.yaml)")
+        d = read_json(f)
+        lbf = d["load_balance"]
+        out[name] = _family_row(d["ppl"]["clean"], d["ppl"]["noisy"], d["ppl"]["romer"], d["ppl_reduction_pct"],
+                                d["ppl_reduction_ci95"],
+                                {"clean": d.get("clean_cv", float("nan")), "noisy": lbf["noisy"]["cv"],
+                                 "romer": lbf["romer"]["cv"]},
+                                {"router": d["architecture"]["router"],
+                                 "shared_experts": d["architecture"]["shared_experts"], "source": str(f)})
+    write_json(ARCH_JSON, out)
+    return out

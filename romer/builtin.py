@@ -1,12 +1,16 @@
 """The embedded default model: a small OLMoE-architecture MoE LM trained on the bundled corpus.
 
-`train_builtin` reads top to bottom: corpus splits -> byte-level BPE tokenizer -> OlmoeForCausalLM
-from a fixed seed -> AdamW with warmup + cosine decay and a per-layer load-balancing loss ->
-validation/test perplexity and per-layer routing statistics -> save_pretrained (safetensors),
-written atomically. Everything is a function of `BuiltinParams` (and the thread count, which
-changes floating-point reduction order; the default uses every CPU this process may run on).
+`train_builtin` reads top to bottom: corpus splits -> byte-level BPE tokenizer -> the causal LM of
+`builtin.family` from a fixed seed -> AdamW with warmup + cosine decay and a per-layer
+load-balancing loss -> validation/test perplexity and per-layer routing statistics ->
+save_pretrained (safetensors), written atomically. Everything is a function of `BuiltinParams`
+(and the thread count, which changes floating-point reduction order; the default uses every CPU
+this process may run on).
 
-Why these choices, and the measured figures, are in docs/builtin_model.md.
+The default family is OLMoE; Qwen2-MoE (shared expert) and DeepSeek-V3 (sigmoid router with the
+correction bias, group-limited top-k, shared expert, latent attention) are trained the same way
+for the across-families results (beyond/dvc.yaml). Why these choices, and the measured figures,
+are in docs/builtin_model.md.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from .corpus import builtin_splits
+from .evaluation import chunked_lm_loss
 from .errors import UserError
 from .io import atomic_path
 from .routing_metrics import expert_load, load_stats, summarize_layers
 
 SPECIAL_TOKEN = "<|endoftext|>"
+FAMILY_NAMES = {"olmoe": "OLMoE", "qwen2_moe": "Qwen2-MoE", "deepseek_v3": "DeepSeek-V3"}
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -100,53 +106,113 @@ def build_olmoe_config(cfg, vocab_size: int):
     )
 
 
-def count_params(model) -> dict:
+def _common(cfg, vocab_size: int) -> dict:
+    return dict(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads, num_experts_per_tok=cfg.top_k,
+        max_position_embeddings=cfg.seq_len, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        initializer_range=0.02, tie_word_embeddings=cfg.tie_embeddings, output_router_logits=False,
+        pad_token_id=0, bos_token_id=0, eos_token_id=0, use_cache=True,
+        experts_implementation=cfg.experts_implementation,
+    )
+
+
+def build_qwen2_moe_config(cfg, vocab_size: int):
+    """Qwen2-MoE: softmax top-k router, every layer sparse, one sigmoid-gated shared expert of
+    shared_experts x intermediate_size, bias on q/k/v as Qwen."""
+    from transformers import Qwen2MoeConfig
+
+    return Qwen2MoeConfig(
+        **_common(cfg, vocab_size),
+        intermediate_size=cfg.intermediate_size,  # dense MLP size; unused, every layer is sparse
+        moe_intermediate_size=cfg.intermediate_size,
+        shared_expert_intermediate_size=cfg.shared_experts * cfg.intermediate_size,
+        num_experts=cfg.num_experts, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+        router_aux_loss_coef=cfg.aux_loss_coef, use_sliding_window=False,
+    )
+
+
+def build_deepseek_v3_config(cfg, vocab_size: int):
+    """DeepSeek-V3: sigmoid router with the e_score_correction_bias (aux-loss-free balancing),
+    group-limited top-k, normalised top-k weights, shared experts, multi-head latent attention
+    (head dims scaled down; no query compression), every layer sparse."""
+    from transformers import DeepseekV3Config
+
+    head = cfg.hidden_size // cfg.num_heads
+    return DeepseekV3Config(
+        **_common(cfg, vocab_size),
+        intermediate_size=cfg.intermediate_size,  # dense MLP size; unused, every layer is sparse
+        moe_intermediate_size=cfg.intermediate_size,
+        n_shared_experts=cfg.shared_experts, n_routed_experts=cfg.num_experts, routed_scaling_factor=1.0,
+        n_group=cfg.n_group, topk_group=cfg.topk_group, first_k_dense_replace=0, norm_topk_prob=True,
+        q_lora_rank=None, kv_lora_rank=head, qk_rope_head_dim=head // 2, qk_nope_head_dim=head // 2,
+        v_head_dim=head, rope_interleave=True, attention_bias=False,
+    )
+
+
+def build_model(cfg, vocab_size: int):
+    """A freshly initialised causal LM of cfg.family (seed the RNG first)."""
+    from transformers import DeepseekV3ForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM
+
+    builders = {"olmoe": (build_olmoe_config, OlmoeForCausalLM),
+                "qwen2_moe": (build_qwen2_moe_config, Qwen2MoeForCausalLM),
+                "deepseek_v3": (build_deepseek_v3_config, DeepseekV3ForCausalLM)}
+    make_config, cls = builders[cfg.family]
+    return cls(make_config(cfg, vocab_size))
+
+
+def count_params(model, cfg) -> dict:
     """Total parameters, and the parameters active for one token (top-k of the routed experts)."""
     total = sum(p.numel() for p in model.parameters())
-    c = model.config
-    per_expert = 3 * c.hidden_size * c.intermediate_size
-    inactive = c.num_hidden_layers * (c.num_experts - c.num_experts_per_tok) * per_expert
-    embed = c.vocab_size * c.hidden_size
+    per_expert = 3 * cfg.hidden_size * cfg.intermediate_size
+    inactive = cfg.num_layers * (cfg.num_experts - cfg.top_k) * per_expert
+    embed = model.config.vocab_size * cfg.hidden_size
     return {"total": total, "active": total - inactive, "embedding": embed,
-            "non_embedding": total - embed * (1 if c.tie_word_embeddings else 2)}
+            "non_embedding": total - embed * (1 if cfg.tie_embeddings else 2)}
 
 
-def balance_loss(router_logits, top_k: int) -> torch.Tensor:
-    """Switch-Transformer load-balancing loss, computed per MoE layer and averaged over layers.
+def balance_loss(router_logits, top_k: int, routers=None, adapter=None):
+    """Switch-Transformer load-balancing loss, computed per MoE layer and averaged over layers;
+    also the router z-loss and each layer's top-k indices.
 
     Per layer: E * sum_e f_e * P_e, with f_e the fraction of the top-k selections that went to
     expert e and P_e its mean router probability; 1.0 when perfectly balanced. transformers'
     `load_balancing_loss_func` instead pools the counts and probabilities of all layers before
     multiplying, which lets one layer's imbalance hide behind another's; per layer it is not.
+    Softmax routers: P = softmax(logits), top-k of P. Sigmoid routers (an adapter with router_kind
+    "sigmoid", DeepSeek-V3): P = the sigmoid scores normalised per token (DeepSeek-V3's
+    sequence-wise balance loss), the selection is the router's own (correction bias, groups), and
+    there is no z-loss (the scores are not a softmax).
     """
-    losses, z = [], []
-    for logits in router_logits:
+    sigmoid = adapter is not None and adapter.router_kind == "sigmoid"
+    losses, z, chosen = [], [], []
+    for i, logits in enumerate(router_logits):
         E = logits.shape[-1]
-        probs = logits.float().softmax(-1)
-        idx = probs.topk(top_k, dim=-1).indices
+        if sigmoid:
+            s = logits.float().sigmoid()
+            probs = s / s.sum(-1, keepdim=True)
+            with torch.no_grad():
+                idx = adapter.route(routers[i], logits.detach().float())[1]
+        else:
+            probs = logits.float().softmax(-1)
+            idx = probs.topk(top_k, dim=-1).indices
+            z.append(torch.logsumexp(logits.float(), dim=-1).pow(2).mean())
         f = torch.zeros(E, device=logits.device).scatter_add_(
             0, idx.reshape(-1), torch.ones(idx.numel(), device=logits.device)) / idx.numel()
         losses.append(E * (f * probs.mean(0)).sum())
-        z.append(torch.logsumexp(logits.float(), dim=-1).pow(2).mean())
-    return torch.stack(losses).mean(), torch.stack(z).mean()
+        chosen.append(idx)
+    zero = torch.zeros((), device=router_logits[0].device)
+    return torch.stack(losses).mean(), (torch.stack(z).mean() if z else zero), chosen
 
 
-def chunked_lm_loss(lm_head, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
-                    chunk_bytes: int = 16 << 20):
-    """Next-token cross-entropy (mean or sum), with the lm_head logits computed a chunk of tokens
-    at a time. Same value as cross_entropy over the full [tokens, vocab] logits.
-
-    The point is speed on CPU: glibc serves allocations of 32 MiB and more with fresh mmap()s, so
-    full-batch logits (8 x 256 x 4096 float32 = 32 MiB, plus their log-softmax and gradients)
-    page-fault anew on every step (measured: ~20k page faults and ~9% of the time per step).
-    """
-    h = hidden.reshape(-1, hidden.shape[-1])
-    t = targets.reshape(-1)
-    n = max(1, chunk_bytes // (4 * lm_head.out_features))
-    total = 0.0
-    for hs, ts in zip(h.split(n), t.split(n)):
-        total = total + F.cross_entropy(lm_head(hs).float(), ts, reduction="sum")
-    return total / t.numel() if reduction == "mean" else total
+@torch.no_grad()
+def update_correction_bias(routers, chosen, rate: float):
+    """DeepSeek-V3's aux-loss-free balancing: after each step, raise the selection bias of the
+    experts loaded below the mean and lower it for those above, by `rate`."""
+    for router, idx in zip(routers, chosen):
+        E = router.e_score_correction_bias.numel()
+        load = torch.bincount(idx.reshape(-1), minlength=E).float()
+        router.e_score_correction_bias.add_(rate * torch.sign(load.mean() - load))
 
 
 def _windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -160,13 +226,17 @@ def evaluate(model, windows: torch.Tensor, batch_size: int, collect_routing: boo
     """Mean next-token NLL over the windows (seq_len-1 predictions each, as HF `labels=input_ids`).
 
     With collect_routing, also the top-k expert indices per layer ([tokens, k] each), derived from
-    the router logits exactly as OlmoeTopKRouter does (softmax, then top-k).
+    the router logits exactly as the family's router does (romer.adapters).
     """
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
-    k = model.config.num_experts_per_tok
-    topk = [[] for _ in range(model.config.num_hidden_layers)] if collect_routing else None
+    if collect_routing:
+        from .adapters import get_adapter
+
+        adapter = get_adapter(model)
+        routers = [b.router for b in adapter.blocks(model)]
+        topk = [[] for _ in routers]
     for i in range(0, windows.shape[0], batch_size):
         x = windows[i : i + batch_size]
         out = model.model(input_ids=x, output_router_logits=collect_routing, use_cache=False)
@@ -174,7 +244,7 @@ def evaluate(model, windows: torch.Tensor, batch_size: int, collect_routing: boo
         count += x[:, 1:].numel()
         if collect_routing:
             for layer, rl in enumerate(out.router_logits):
-                topk[layer].append(rl.float().softmax(-1).topk(k, dim=-1).indices)
+                topk[layer].append(adapter.route(routers[layer], rl.float())[1])
     model.train(was_training)
     mean = nll / max(count, 1)
     if collect_routing:
@@ -254,7 +324,8 @@ def train_builtin(cfg, out_dir, progress: bool = True, return_model: bool = Fals
     With return_model, returns (report, trained model in eval mode) instead.
     """
     from tqdm.auto import tqdm
-    from transformers import OlmoeForCausalLM
+
+    from .adapters import get_adapter
 
     t_start = time.perf_counter()
     with _threads(cfg.threads) as n_threads:
@@ -276,9 +347,12 @@ def train_builtin(cfg, out_dir, progress: bool = True, return_model: bool = Fals
                                 f"{cfg.seq_len} tokens ({ids[name].numel()}); raise builtin.max_chars")
 
         torch.manual_seed(cfg.seed)
-        model = OlmoeForCausalLM(build_olmoe_config(cfg, len(tokenizer)))
+        model = build_model(cfg, len(tokenizer))
         model.train()
-        nparams = count_params(model)
+        nparams = count_params(model, cfg)
+        adapter = get_adapter(model)
+        routers = [b.router for b in adapter.blocks(model)]
+        bias_rate = cfg.bias_update_rate if adapter.router_kind == "sigmoid" else 0.0
 
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n]
         no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed_tokens" not in n)]
@@ -305,12 +379,14 @@ def train_builtin(cfg, out_dir, progress: bool = True, return_model: bool = Fals
             x, y = batch[:, :-1], batch[:, 1:]
             out = model.model(input_ids=x, output_router_logits=True, use_cache=False)
             ce = chunked_lm_loss(model.lm_head, out.last_hidden_state, y)
-            bal, z = balance_loss(out.router_logits, cfg.top_k)
+            bal, z, chosen = balance_loss(out.router_logits, cfg.top_k, routers, adapter)
             loss = ce + cfg.aux_loss_coef * bal + cfg.z_loss_coef * z
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            if bias_rate:
+                update_correction_bias(routers, chosen, bias_rate)
 
             rec = {"step": step + 1, "lr": lr, "train_loss": ce.item(), "balance_loss": bal.item(),
                    "z_loss": z.item(), "grad_norm": float(gnorm)}
@@ -332,7 +408,7 @@ def train_builtin(cfg, out_dir, progress: bool = True, return_model: bool = Fals
         eval_time = time.perf_counter() - t0
 
         report = {
-            "model": "builtin OLMoE-architecture MoE",
+            "model": f"builtin {FAMILY_NAMES[cfg.family]}-architecture MoE",
             "threads": n_threads,
             "params": nparams["total"],
             "active_params": nparams["active"],
@@ -361,8 +437,8 @@ def train_builtin(cfg, out_dir, progress: bool = True, return_model: bool = Fals
             tmp.mkdir()
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            report["total_time_s"] = round(time.perf_counter() - t_start, 2)
-            slim = {k: v for k, v in report.items() if k != "history"}
+            # no wall times in the saved directory: the same params give a byte-identical output
+            slim = {k: v for k, v in report.items() if k != "history" and not k.endswith("_time_s")}
             (tmp / "builtin_report.json").write_text(json.dumps(slim, indent=2) + "\n")
     report["total_time_s"] = round(time.perf_counter() - t_start, 2)
     return (report, model) if return_model else report

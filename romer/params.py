@@ -6,6 +6,7 @@ message that names the key (dotted, e.g. `calibrate.percentiles`) and what was e
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -47,6 +48,12 @@ class BuiltinParams(_Section):
     num_experts: int = Field(16, ge=2)
     top_k: int = Field(2, ge=1)
     intermediate_size: int = Field(128, gt=0)  # per routed expert
+    # Family of the builtin model (beyond/dvc.yaml trains the others on the same corpus and recipe).
+    family: Literal["olmoe", "qwen2_moe", "deepseek_v3"] = "olmoe"
+    shared_experts: int = Field(0, ge=0)  # shared experts, each of intermediate_size (qwen2_moe, deepseek_v3: >= 1)
+    n_group: int = Field(1, ge=1)  # deepseek_v3: expert groups of group-limited top-k
+    topk_group: int = Field(1, ge=1)  # deepseek_v3: groups a token may pick experts from
+    bias_update_rate: float = Field(0.001, ge=0)  # deepseek_v3: aux-loss-free balancing step of the correction bias
     tie_embeddings: bool = False
     experts_implementation: Literal["grouped_mm", "eager"] = "grouped_mm"
     seq_len: int = Field(256, ge=8)
@@ -75,6 +82,18 @@ class BuiltinParams(_Section):
             raise ValueError("hidden_size / num_heads must be even (rotary embeddings)")
         if self.val_frac + self.test_frac >= 0.5:
             raise ValueError("val_frac + test_frac must be < 0.5")
+        if self.family == "olmoe" and self.shared_experts:
+            raise ValueError("shared_experts must be 0 for family olmoe (OLMoE has no shared experts)")
+        if self.family in ("qwen2_moe", "deepseek_v3") and self.shared_experts < 1:
+            raise ValueError(f"family {self.family} needs shared_experts >= 1")
+        if self.family == "deepseek_v3":
+            if self.num_experts % self.n_group:
+                raise ValueError(f"num_experts ({self.num_experts}) must be divisible by n_group ({self.n_group})")
+            per_group = self.num_experts // self.n_group
+            if self.topk_group > self.n_group or self.top_k > self.topk_group * per_group or per_group < 2:
+                raise ValueError(f"deepseek_v3 needs topk_group <= n_group, top_k <= topk_group * experts per group "
+                                 f"and >= 2 experts per group (got n_group {self.n_group}, topk_group "
+                                 f"{self.topk_group}, top_k {self.top_k}, {per_group} experts per group)")
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
         return self
@@ -164,8 +183,24 @@ class EvalParams(_Section):
 class BeyondParams(_Section):
     """Beyond-the-paper stages (beyond/dvc.yaml): noise-scale sweep and drift over deployment time."""
 
-    scales: list[float] = Field(default_factory=lambda: [2, 4, 6, 8, 10, 12], min_length=1)
+    scales: list[float] = Field(default_factory=lambda: [2, 4, 6, 8, 10, 12, 14, 16], min_length=1)
     drift_times_s: list[float] = Field(default_factory=lambda: [3600, 86400, 2592000, 31536000], min_length=1)
+    # noise.scale of the drift run (None: noise.scale). It multiplies the spread of the drift exponent
+    # too, so the default scale 10 collapses the model within hours (docs/ablation.md).
+    drift_scale: Optional[float] = Field(None, gt=0)
+    # Other MoE families trained like the builtin model: {name: builtin overrides (family, shared_experts, ...)}.
+    families: dict[str, dict] = Field(default_factory=dict)
+
+    @field_validator("families")
+    @classmethod
+    def _families(cls, v):
+        for name, over in v.items():
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+                raise ValueError(f"family name {name!r} must be letters, digits, '_' or '-'")
+            bad = set(over) - set(BuiltinParams.model_fields)
+            if bad:
+                raise ValueError(f"families.{name}: unknown builtin key(s) {sorted(bad)}")
+        return v
 
     @field_validator("scales", "drift_times_s")
     @classmethod
@@ -192,6 +227,15 @@ class Params(_Section):
     eval: EvalParams = Field(default_factory=EvalParams)
     beyond: BeyondParams = Field(default_factory=BeyondParams)
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
+
+    def family_builtin(self, name: str) -> BuiltinParams:
+        """The builtin recipe with beyond.families[name] applied (validated as a whole)."""
+        if name not in self.beyond.families:
+            raise UserError(f"beyond.families has no family {name!r} (has: {', '.join(self.beyond.families) or 'none'})")
+        try:
+            return BuiltinParams(**{**self.builtin.model_dump(), **self.beyond.families[name]})
+        except ValidationError as e:
+            raise UserError(_format_error(f"params key 'beyond.families.{name}'", e)) from None
 
 
 def _format_error(path, err: ValidationError) -> str:

@@ -181,10 +181,11 @@ def chip_plan(exp, seed, calib_w) -> dict:
     return make_plan({k: v["load"] for k, v in rep["layers"].items()}, r.tau, r.max_per_layer, r.strategy)
 
 
-def evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, specs=None, modes=("per_chip",)):
+def evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, specs=None, modes=("per_chip",), bar=None):
     """PPL and routing report of each method on one noise instance. Raises on any failure.
 
     plan: the replace stage's (expected) plan; the per-chip plan is made here when a method needs it.
+    bar: a tqdm bar over (seed, method) pairs, advanced after each method with its tokens/s.
     """
     p = exp.params
     specs = specs or method_specs(modes, analog=exp.analog_kinds)
@@ -207,8 +208,13 @@ def evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, specs=None, 
         elif sp["cal"] == "expected":
             maps = maps_from_json(pct["expected"]["romer" if sp["plan"] else "calibrate_only"])
         rec = Recorder(indices=True)
+        t0 = time.perf_counter()
         ppl = perplexity(exp.model, exp.adapter, eval_w, p.eval.batch_size, exp.device,
                          exp.routing_plan(state_plan, maps), rec)
+        if bar is not None:
+            bar.set_postfix(seed=seed, method=name, ppl=f"{ppl:.2f}",
+                            tok_s=f"{eval_w.numel() / (time.perf_counter() - t0):.0f}", refresh=False)
+            bar.update(1)
         res[name] = {"ppl": ppl, "replaced": state_plan["replaced"] if state_plan else 0,
                      "state": (state_plan, maps),  # reused by the zero-shot tasks
                      "routing": routing_report(rec, exp.num_experts, p.replace.tau, clean_rec,
@@ -257,8 +263,9 @@ def run_evaluate(params, exp=None, log_mlflow=True) -> dict:
     clean_routing = routing_report(clean_rec, exp.num_experts, params.replace.tau)
     specs = method_specs(modes, hetero_budgets(exp, plan, e.hetero_fractions), exp.analog_kinds)
     per_seed = {}
-    for seed in tqdm(e.seeds, desc="evaluate: noise seeds"):
-        per_seed[seed] = evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, specs)
+    with tqdm(total=len(e.seeds) * len(specs), desc="evaluate: seeds x methods", unit="method") as bar:
+        for seed in e.seeds:
+            per_seed[seed] = evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, specs, bar=bar)
     exp.restore()
 
     names = list(per_seed[e.seeds[0]].keys())

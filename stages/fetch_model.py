@@ -12,10 +12,11 @@ import os
 import sys
 from pathlib import Path
 
-# Before torch loads OpenMP: idle threads sleep instead of spinning. On a CPU shared with other
-# processes, spinning OpenMP threads made a training step 5x slower (measured, docs/builtin_model.md);
-# on an idle CPU the cost is small.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads OpenMP: an idle OpenMP thread spins 1000 times (libgomp's own value for an
+# oversubscribed CPU), not 300000, before it sleeps. On an idle CPU that costs nothing; on a CPU
+# shared with another busy process it made a training step 2x faster (measured, see
+# docs/builtin_model.md). Set GOMP_SPINCOUNT yourself to override.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 # Repo root instead of stages/ on the path: stages/profile.py would shadow the stdlib `profile`.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
