@@ -63,8 +63,10 @@ def _plain_lm_head(model):
     cfg = getattr(model, "config", None)
     if any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")):
         return None
+    from transformers import PreTrainedModel
+
     decoder, head = getattr(model, "model", None), getattr(model, "lm_head", None)
-    if isinstance(decoder, torch.nn.Module) and isinstance(head, torch.nn.Linear):
+    if isinstance(decoder, PreTrainedModel) and isinstance(head, torch.nn.Linear):
         return decoder, head
     return None
 

@@ -17,7 +17,7 @@ from .adapters import analog_tensors, get_adapter
 from .calibration import calibrate_maps, collect_logits, compose, make_transform, percentiles
 from .cim import AnalogWeights
 from .data import calib_windows, eval_windows, load_text, tokenize
-from .models import load_model, load_tokenizer, resolve_device
+from .models import input_device, load_model, load_tokenizer, resolve_device
 from .noise_models import NoiseModel
 from .replacement import pairs_by_layer, routing_fns, weight_edit
 
@@ -34,9 +34,12 @@ def set_determinism(threads=None):
 class Experiment:
     def __init__(self, params, model_dir=MODEL_DIR, noise_model_path=NOISE_MODEL, noise_model=None):
         self.params = params
-        self.device = resolve_device(params.model.device)
-        self.model = load_model(model_dir, trust_remote_code=params.model.trust_remote_code,
-                                dtype=params.model.dtype, device=self.device)
+        m = params.model
+        self.device = None if m.device_map else resolve_device(m.device)
+        self.model = load_model(model_dir, trust_remote_code=m.trust_remote_code, dtype=m.dtype,
+                                device=self.device or "cpu", device_map=m.device_map)
+        if m.device_map:  # inputs go where the embedding is
+            self.device = input_device(self.model)
         self.model.config.output_router_logits = False
         self.model.requires_grad_(False)  # inference only: weights are edited in place
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code=params.model.trust_remote_code)

@@ -69,9 +69,21 @@ def resolve_source(source: str, revision=None) -> Path:
     return Path(_download(source, revision))
 
 
-def load_model(source="builtin", revision=None, trust_remote_code=False, dtype="float32", device="cpu"):
-    """Load a causal LM in eval mode (safetensors only). Raises UserError on any bad input."""
+def load_model(source="builtin", revision=None, trust_remote_code=False, dtype="float32", device="cpu",
+               device_map=None):
+    """Load a causal LM in eval mode (safetensors only). Raises UserError on any bad input.
+
+    device_map ("auto", ...): accelerate places the layers over the GPUs, then the CPU, and
+    `device` is ignored; for a model larger than one GPU.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    if device_map is not None:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise UserError(f"model.device_map: {device_map!r} needs the accelerate package "
+                            "(pip install accelerate)") from None
 
     path = resolve_source(source, revision)
     if not any(path.glob("*.safetensors")):
@@ -98,11 +110,20 @@ def load_model(source="builtin", revision=None, trust_remote_code=False, dtype="
                   dtype=DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
     if not trust_remote_code:
         kwargs["experts_implementation"] = pick_experts_implementation(device)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:
         raise UserError(f"model at {path}: cannot load weights ({type(e).__name__}: {str(e)[:300]})") from None
+    if device_map is not None:
+        return model.eval()  # accelerate has placed (and hooked) every layer
     return model.to(resolve_device(device)).eval()
+
+
+def input_device(model) -> torch.device:
+    """Where input ids go: the device of the token embedding (the first layer under a device_map)."""
+    return model.get_input_embeddings().weight.device
 
 
 def pick_experts_implementation(device) -> str:

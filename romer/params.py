@@ -28,6 +28,9 @@ class ModelParams(_Section):
     trust_remote_code: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Spread a model larger than one GPU over the GPUs (then the CPU) with accelerate; `device` is
+    # then ignored. null: the whole model on `device`.
+    device_map: Optional[Literal["auto", "balanced", "balanced_low_0", "sequential"]] = None
 
 
 class BuiltinParams(_Section):

@@ -175,3 +175,35 @@ def test_inspect_cli_refuses_dense_and_bad_sources(tmp_path, capsys):
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     assert main(["inspect", str(broken)]) == 2
     assert "cannot load weights" in capsys.readouterr().err
+
+
+def test_device_map_auto_loads_on_cpu(tmp_path, ids):
+    """model.device_map: auto (accelerate) places a model on what there is, here the CPU, and the
+    evaluation path gives the same NLL as the plain load."""
+    from romer.evaluation import nll_pass
+    from romer.models import input_device, load_model
+
+    make("olmoe").save_pretrained(tmp_path / "m")
+    plain = load_model(str(tmp_path / "m"), device="cpu")
+    mapped = load_model(str(tmp_path / "m"), device_map="auto")
+    assert input_device(mapped).type == "cpu"
+    a = nll_pass(plain, get_adapter(plain), ids, 2, "cpu")
+    b = nll_pass(mapped, get_adapter(mapped), ids, 2, input_device(mapped))
+    assert a[1] == b[1] and abs(a[0] - b[0]) < 1e-4 * abs(a[0])
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))  # the deepseek_moe mirror has no HF forward signature
+def test_chunked_nll_equals_full_logits(name, ids):
+    """nll_pass takes the NLL from chunked lm_head logits where a family's logits are lm_head(decoder);
+    it must equal the cross-entropy of the model's own logits."""
+    import torch.nn.functional as F
+
+    from romer.evaluation import nll_pass
+
+    model = make(name)
+    total, count = nll_pass(model, get_adapter(model), ids, 1, "cpu")
+    with torch.no_grad():
+        logits = logits_of(model, ids)
+    ref = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum").item()
+    assert count == ids[:, 1:].numel()
+    assert abs(total - ref) < 1e-4 * abs(ref)

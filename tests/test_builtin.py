@@ -201,3 +201,33 @@ def test_fetch_model_stage_bad_params_exit_2(tmp_path, monkeypatch, capsys):
         stage.main()
     assert e.value.code == 2
     assert "no/such/dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family,extra", [("qwen2_moe", {"shared_experts": 1}),
+                                          ("deepseek_v3", {"shared_experts": 1, "n_group": 2, "topk_group": 1})])
+def test_builtin_recipe_other_families(family, extra, tmp_path):
+    """The recipe trains Qwen2-MoE and DeepSeek-V3 variants; the saved model loads as that family,
+    and DeepSeek-V3's correction bias moved (aux-loss-free balancing) and was saved."""
+    from romer.adapters import describe
+    from romer.builtin import train_builtin
+    from romer.models import load_model
+
+    cfg = BuiltinParams(**{**TINY, "family": family, "steps": 7, **extra})
+    report = train_builtin(cfg, tmp_path / family, progress=False)
+    assert math.isfinite(report["val_ppl"]) and report["val_ppl"] < cfg.vocab_size
+    model = load_model(str(tmp_path / family), device="cpu")
+    info = describe(model)
+    assert info["family"] == family and info["shared_experts"] == 1 and info["num_experts"] == cfg.num_experts
+    assert info["router"] == ("sigmoid" if family == "deepseek_v3" else "softmax")
+    if family == "deepseek_v3":
+        bias = model.model.layers[0].mlp.gate.e_score_correction_bias
+        assert bias.abs().max().item() > 0
+
+
+def test_family_params_are_checked():
+    with pytest.raises(ValueError, match="needs shared_experts >= 1"):
+        BuiltinParams(**{**TINY, "family": "qwen2_moe"})
+    with pytest.raises(ValueError, match="divisible by n_group"):
+        BuiltinParams(**{**TINY, "family": "deepseek_v3", "shared_experts": 1, "n_group": 3})
+    with pytest.raises(ValueError, match="must be 0 for family olmoe"):
+        BuiltinParams(**{**TINY, "shared_experts": 1})

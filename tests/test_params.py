@@ -105,3 +105,20 @@ def test_every_stage_validates_params_first(tmp_path):
         r = run_stage(tmp_path, stage)
         assert r.returncode == 2, (stage, r.stderr[-500:])
         assert "lo < hi" in r.stderr and "Traceback" not in r.stderr, stage
+
+
+def test_device_map_and_family_params(tmp_path):
+    from romer.params import Params
+
+    assert Params.model_validate({"model": {"device_map": "auto"}}).model.device_map == "auto"
+    with pytest.raises(Exception, match="device_map"):
+        Params.model_validate({"model": {"device_map": "everywhere"}})
+    p = Params.model_validate({"beyond": {"families": {"ds": {"family": "deepseek_v3", "shared_experts": 1,
+                                                              "n_group": 4, "topk_group": 2}}}})
+    assert p.family_builtin("ds").n_group == 4
+    with pytest.raises(UserError, match="beyond.families.ds"):
+        Params.model_validate({"beyond": {"families": {"ds": {"family": "deepseek_v3"}}}}).family_builtin("ds")
+    with pytest.raises(Exception, match="unknown builtin key"):
+        Params.model_validate({"beyond": {"families": {"q": {"familly": "qwen2_moe"}}}})
+    with pytest.raises(UserError, match="has no family 'nope'"):
+        p.family_builtin("nope")

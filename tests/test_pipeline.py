@@ -104,7 +104,7 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
     proc = subprocess.Popen(["dvc", "repro"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     for line in proc.stdout:
-        if "evaluate: noise seeds" in line:
+        if "evaluate: seeds x methods" in line:
             break
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
