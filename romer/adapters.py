@@ -179,6 +179,9 @@ class DeepseekV3Adapter(Adapter):
         E, G = router.num_experts, router.num_group
         scores = logits.sigmoid()
         choice = scores + router.e_score_correction_bias
+        # A -inf logit (a replica slot excluded from top-k, romer.replacement) must stay out of the
+        # choice although sigmoid(-inf) + bias is finite.
+        choice = choice.masked_fill(torch.isneginf(logits), float("-inf"))
         group_scores = choice.view(-1, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)
         group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)

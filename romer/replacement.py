@@ -99,8 +99,10 @@ def routing_fns(pairs, strategy: str, num_experts: int, sentinel_ok: bool = True
     slots = torch.tensor([s for s, _ in pairs])
 
     def logit_mask(logits):
+        # -inf, not the dtype's min: sigmoid routers (DeepSeek-V3) add a correction bias after the
+        # sigmoid, so their adapter excludes -inf logits explicitly; softmax gives them weight 0.
         logits = logits.clone()
-        logits[:, slots.to(logits.device)] = torch.finfo(logits.dtype).min
+        logits[:, slots.to(logits.device)] = float("-inf")
         return logits
 
     if strategy == "split":

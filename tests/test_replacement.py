@@ -51,3 +51,29 @@ def test_split_and_average_routing():
     assert ni.tolist() == [[0, 3, 1], [2, 3, 4]]  # 4 = sentinel (no expert) for tokens without expert 0
     assert torch.allclose(nw, torch.tensor([[0.3, 0.4, 0.3], [0.7, 0.3, 0.0]]))
     assert routing_fns(pairs, "copy_router", 4) == (None, None)
+
+
+def test_split_mask_excludes_slot_under_sigmoid_router_with_correction_bias():
+    """DeepSeek-V3 adds the correction bias after the sigmoid, so a masked logit alone would leave the
+    replica slot selectable when its bias is large; the adapter must still never pick it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_models import build
+
+    from romer.adapters import get_adapter
+
+    model = build("deepseek_v3")
+    adapter = get_adapter(model)
+    block = adapter.blocks(model)[0]
+    router = block.router
+    E = adapter.num_experts(block)
+    slot = 3
+    router.e_score_correction_bias.zero_()
+    router.e_score_correction_bias[slot] = 5.0  # far above any sigmoid score + bias of the others
+    logits = torch.randn(64, E, generator=torch.Generator().manual_seed(0))
+    assert (adapter.route(router, logits)[1] == slot).any(1).all()  # without the mask: always picked
+    mask, _ = routing_fns([(slot, 0)], "split", E)
+    _, idx = adapter.route(router, mask(logits))
+    assert not (idx == slot).any()
