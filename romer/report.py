@@ -57,14 +57,37 @@ def eval_table(ev: dict) -> str:
     return "\n".join(lines)
 
 
-def update_readme(readme="README.md", eval_json="metrics/eval.json", marker="results"):
-    """Replace the block between <!-- results:start --> and <!-- results:end --> with the table."""
-    text = Path(readme).read_text()
-    table = eval_table(read_json(eval_json))
+FAMILY_LABELS = {"olmoe": "OLMoE", "qwen2_moe": "Qwen2-MoE", "deepseek_v3": "DeepSeek-V3"}
+
+
+def architectures_table(ar: dict) -> str:
+    """Across-families table from metrics/architectures.json."""
+    lines = ["| family (builtin size) | router | shared experts | clean PPL | noisy PPL | ROMER PPL | "
+             "reduction [95% CI] | load CV clean / noisy / ROMER |",
+             "|---|---|---|---|---|---|---|---|"]
+    for fam, r in ar.items():
+        lo, hi = r["reduction_ci95"]
+        lines.append(f"| {FAMILY_LABELS.get(fam, fam)} | {r['router']} | {r['shared_experts']} | {r['clean']:.2f} | "
+                     f"{r['noisy']:.2f} | {r['romer']:.2f} | {r['reduction_pct']:+.1f}% [{lo:.1f}, {hi:.1f}] | "
+                     f"{r['cv_clean']:.3f} / {r['cv_noisy']:.3f} / {r['cv_romer']:.3f} |")
+    return "\n".join(lines)
+
+
+def _replace_block(text, marker, table, readme):
     pat = re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
     if not pat.search(text):
         raise ValueError(f"{readme} has no <!-- {marker}:start --> ... <!-- {marker}:end --> block")
-    write_text(readme, pat.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text))
+    return pat.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text)
+
+
+def update_readme(readme="README.md", eval_json="metrics/eval.json", arch_json="metrics/architectures.json"):
+    """Replace the <!-- results:start/end --> block with the method table, and the
+    <!-- architectures:start/end --> block with the across-families table when that file exists."""
+    text = Path(readme).read_text()
+    text = _replace_block(text, "results", eval_table(read_json(eval_json)), readme)
+    if _exists(arch_json):
+        text = _replace_block(text, "architectures", architectures_table(read_json(arch_json)), readme)
+    write_text(readme, text)
 
 
 def _exists(p):
@@ -103,17 +126,18 @@ def write_report(path="metrics/report.md") -> str:
         md += ["", "![sweep](plots/sweep.png)", ""]
     if _exists("metrics/drift.json"):
         dr = read_json("metrics/drift.json")
-        md += ["## Drift over deployment time", "", "| t | noisy PPL | ROMER (calibrated at t0) | ROMER (re-calibrated) |",
+        n = dr.get("noise", {})
+        md += ["## Drift over deployment time", "",
+               f"Noise `{n.get('source', '?')}` x{n.get('scale', float('nan')):g}, global drift compensation "
+               f"{'on' if n.get('drift_compensation') else 'off'}; ROMER's plan and maps made at t0 = "
+               f"{dr.get('t0_s', float('nan')):g} s (clean PPL {dr['clean']:.2f}).", "",
+               "| t | noisy PPL | ROMER (calibrated at t0) | ROMER (re-calibrated) |",
                "|---|---|---|---|"]
         for i, t in enumerate(dr["t_s"]):
             md.append(f"| {_human_time(t)} | {dr['noisy'][i]:.2f} | {dr['romer'][i]:.2f} | {dr['romer_recalibrated'][i]:.2f} |")
         md += ["", "![drift](plots/drift.png)", ""]
     if _exists("metrics/architectures.json"):
-        ar = read_json("metrics/architectures.json")
-        md += ["## Across MoE families", "", "| family | clean | noisy | ROMER |", "|---|---|---|---|"]
-        for fam, r in ar.items():
-            md.append(f"| {fam} | {r['clean']:.2f} | {r['noisy']:.2f} | {r['romer']:.2f} |")
-        md.append("")
+        md += ["## Across MoE families", "", architectures_table(read_json("metrics/architectures.json")), ""]
     write_text(path, "\n".join(md) + "\n")
     return path
 
