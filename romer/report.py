@@ -63,12 +63,12 @@ FAMILY_LABELS = {"olmoe": "OLMoE", "qwen2_moe": "Qwen2-MoE", "deepseek_v3": "Dee
 def architectures_table(ar: dict) -> str:
     """Across-families table from metrics/architectures.json."""
     lines = ["| family (builtin size) | router | shared experts | clean PPL | noisy PPL | ROMER PPL | "
-             "reduction [95% CI] | load CV clean / noisy / ROMER |",
+             "ROMER vs noisy [95% CI] | load CV clean / noisy / ROMER |",
              "|---|---|---|---|---|---|---|---|"]
     for fam, r in ar.items():
         lo, hi = r["reduction_ci95"]
         lines.append(f"| {FAMILY_LABELS.get(fam, fam)} | {r['router']} | {r['shared_experts']} | {r['clean']:.2f} | "
-                     f"{r['noisy']:.2f} | {r['romer']:.2f} | {r['reduction_pct']:+.1f}% [{lo:.1f}, {hi:.1f}] | "
+                     f"{r['noisy']:.2f} | {r['romer']:.2f} | {-r['reduction_pct']:+.1f}% [{-hi:+.1f}, {-lo:+.1f}] | "
                      f"{r['cv_clean']:.3f} / {r['cv_noisy']:.3f} / {r['cv_romer']:.3f} |")
     return "\n".join(lines)
 

@@ -2,6 +2,7 @@
 which stages a param change makes stale."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -149,3 +150,24 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
                 if p:
                     scales.add(p["noise"]["scale"])
     assert {2, 16} <= scales, scales
+
+    # The beyond-the-paper pipeline on the same tiny model: a sweep point, the drift curve, two other
+    # families trained with the tiny recipe, the architectures table and the report.
+    set_params(tmp_path, {"eval": {"tasks": []}, "beyond": {
+        "scales": [4], "drift_times_s": [3600], "drift_scale": 3,
+        "families": {"qwen2_moe": {"family": "qwen2_moe", "shared_experts": 1},
+                     "deepseek_v3": {"family": "deepseek_v3", "shared_experts": 1, "n_group": 2, "topk_group": 1}}}})
+    run(["dvc", "repro", "dvc.yaml"], tmp_path, timeout=900)  # eval.tasks changed: evaluate reruns
+    run(["dvc", "repro", "beyond/dvc.yaml"], tmp_path, timeout=1200)
+    sweep = json.loads((tmp_path / "metrics/sweep.json").read_text())
+    assert sweep["scale"] == [4.0] and len(sweep["noisy"]) == len(sweep["romer"]) == 1
+    drift = json.loads((tmp_path / "metrics/drift.json").read_text())
+    assert drift["t_s"] == [3600.0] and drift["noise"]["scale"] == 3.0
+    assert all(len(drift[k]) == 1 for k in ("noisy", "romer", "romer_recalibrated"))
+    arch = json.loads((tmp_path / "metrics/architectures.json").read_text())
+    assert list(arch) == ["olmoe", "qwen2_moe", "deepseek_v3"]
+    assert arch["deepseek_v3"]["router"] == "sigmoid" and arch["qwen2_moe"]["shared_experts"] == 1
+    for fam, row in arch.items():
+        assert all(math.isfinite(row[k]) and row[k] > 1 for k in ("clean", "noisy", "romer")), (fam, row)
+    assert "Across MoE families" in (tmp_path / "metrics/report.md").read_text()
+    assert run(["dvc", "status", "beyond/dvc.yaml", "--json"], tmp_path).stdout.strip() in ("", "{}")
