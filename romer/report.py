@@ -117,7 +117,7 @@ def write_report(path="metrics/report.md") -> str:
                "![ppl](plots/eval_ppl.png) ![cv](plots/eval_cv_per_layer.png)", ""]
     if _exists("metrics/sweep.json"):
         sw = read_json("metrics/sweep.json")
-        md += ["## Noise-scale sweep", "", "| scale | noisy PPL | ROMER PPL | reduction [95% CI] | CV noisy | CV ROMER |",
+        md += ["## Noise-scale sweep", "", "| scale | noisy PPL | ROMER PPL | PPL reduction by ROMER [95% CI] | CV noisy | CV ROMER |",
                "|---|---|---|---|---|---|"]
         for i, s in enumerate(sw["scale"]):
             lo, hi = sw["reduction_ci95"][i]
@@ -137,7 +137,12 @@ def write_report(path="metrics/report.md") -> str:
             md.append(f"| {_human_time(t)} | {dr['noisy'][i]:.2f} | {dr['romer'][i]:.2f} | {dr['romer_recalibrated'][i]:.2f} |")
         md += ["", "![drift](plots/drift.png)", ""]
     if _exists("metrics/architectures.json"):
-        md += ["## Across MoE families", "", architectures_table(read_json("metrics/architectures.json")), ""]
+        ar = read_json("metrics/architectures.json")
+        md += ["## Across MoE families", "", architectures_table(ar), ""]
+        worse = [FAMILY_LABELS.get(f, f) for f, r in ar.items() if r["romer"] > r["noisy"]]
+        if worse:
+            md += [f"ROMER is worse than no repair on {', '.join(worse)}: see docs/ablation.md, section 4 "
+                   "(where the calibration gain comes from).", ""]
     write_text(path, "\n".join(md) + "\n")
     return path
 
