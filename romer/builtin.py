@@ -22,12 +22,11 @@ import time
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 
 from .corpus import builtin_splits
-from .evaluation import chunked_lm_loss
 from .errors import UserError
 from .io import atomic_path
+from .lm_loss import chunked_lm_loss
 from .routing_metrics import expert_load, load_stats, summarize_layers
 
 SPECIAL_TOKEN = "<|endoftext|>"

@@ -67,17 +67,22 @@ def routed(model, adapter: Adapter, plan: Optional[dict] = None, recorder: Optio
     for block in adapter.blocks(model):
         lr = plan.get(block.layer)
 
-        def hook(module, args, output, layer=block.layer, lr=lr):
+        def hook(module, args, output, layer=block.layer, lr=lr, n_experts=adapter.num_experts(block)):
             raw = adapter.router_logits(module, args, output)
             logits = lr.transform(raw) if lr is not None and lr.transform is not None else raw
             weights, indices = adapter.route(module, logits)
+            to_model = indices
             if lr is not None and lr.post is not None:
                 weights, indices = lr.post(weights, indices, logits)
+                # A post may add sentinel columns (index n_experts, weight 0) that mean "no expert".
+                # The recorder keeps them; the model gets a real expert at weight 0 instead, because
+                # transformers' grouped_mm leaves sentinel rows uninitialised (0 * NaN = NaN).
+                to_model = indices.clamp(max=n_experts - 1)
             if recorder is not None:
                 recorder.add(layer, raw, indices)
             if stop_after is not None and layer >= stop_after:
                 raise StopForward
-            return adapter.pack_output(module, output, logits, weights, indices)
+            return adapter.pack_output(module, output, logits, weights, to_model)
 
         handles.append(block.router.register_forward_hook(hook, prepend=True))
     try:

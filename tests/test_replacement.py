@@ -77,3 +77,34 @@ def test_split_mask_excludes_slot_under_sigmoid_router_with_correction_bias():
     mask, _ = routing_fns([(slot, 0)], "split", E)
     _, idx = adapter.route(router, mask(logits))
     assert not (idx == slot).any()
+
+
+def test_average_strategy_sentinel_is_safe_with_grouped_mm():
+    """`average` pads tokens without the hot expert with a sentinel index (no expert, weight 0).
+    transformers' grouped_mm leaves sentinel rows uninitialised, so the hook must hand the model a
+    real expert at weight 0 instead; the output must equal the eager kernel's, which skips them."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_models import build
+
+    from romer.adapters import get_adapter
+    from romer.calibration import compose
+    from romer.routing import Recorder, routed
+
+    ids = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(3))
+    outs = {}
+    for impl in ("eager", "grouped_mm"):
+        model = build("olmoe")
+        model.set_experts_implementation(impl)
+        adapter = get_adapter(model)
+        blocks = adapter.blocks(model)
+        E = adapter.num_experts(blocks[0])
+        rplan = {b.layer: compose(None, *routing_fns([(1, 0)], "average", E)) for b in blocks}
+        rec = Recorder(indices=True)
+        with torch.no_grad(), routed(model, adapter, rplan, rec):
+            outs[impl] = model(ids).logits
+        assert (rec.cat_indices(blocks[0].layer) == E).any()  # the recorder keeps the sentinel
+    assert torch.isfinite(outs["grouped_mm"]).all()
+    assert torch.allclose(outs["eager"], outs["grouped_mm"], atol=1e-4)
