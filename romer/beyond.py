@@ -25,6 +25,12 @@ def _eval(exp, seed, eval_w, plan=None, maps=None, clean_rec=None, t=None):
     return ppl, rep["mean"]
 
 
+def _calibrated(exp, seed, plan, calib_w, clean_pct, t=None):
+    """Percentile maps of chip `seed` with its replacement `plan` programmed in, read at time t."""
+    exp.set_state(seed, plan, t_inference_s=t)
+    return exp.calibrate(calib_w, clean_replaced(clean_pct, plan), plan)
+
+
 def _summary(per_seed: dict, names, seeds):
     out = {n: mean_ci([per_seed[s][n][0] for s in seeds]) for n in names}
     lb = {n: {k: sum(per_seed[s][n][1][k] for s in seeds) / len(seeds) for k in ("cv", "routing_agreement")}
@@ -42,8 +48,7 @@ def sweep_point(exp, calib_w, eval_w, clean_ppl, clean_rec, scale) -> dict:
         noisy = _eval(exp, s, eval_w, clean_rec=clean_rec)
         plan = chip_plan(exp, s, calib_w)
         replaced.append(plan["replaced"])
-        exp.set_state(s, plan)
-        maps = exp.calibrate(calib_w, clean_replaced(clean_pct, plan), plan)
+        maps = _calibrated(exp, s, plan, calib_w, clean_pct)
         per_seed[s] = {"noisy": noisy, "romer": _eval(exp, s, eval_w, plan, maps, clean_rec)}
     exp.restore()
     ppl, lb = _summary(per_seed, ("noisy", "romer"), seeds)
@@ -63,9 +68,8 @@ def drift_curve(exp, calib_w, eval_w, clean_rec, times) -> dict:
     clean_pct = clean_percentiles(exp, calib_w)
     maps_t0, plans = {}, {}
     for s in seeds:  # each chip is profiled, replaced and calibrated once, at t0
-        plans[s] = plan = chip_plan(exp, s, calib_w)
-        exp.set_state(s, plan, t_inference_s=t0)
-        maps_t0[s] = exp.calibrate(calib_w, clean_replaced(clean_pct, plan), plan)
+        plans[s] = chip_plan(exp, s, calib_w)
+        maps_t0[s] = _calibrated(exp, s, plans[s], calib_w, clean_pct, t0)
     rows = []
     for t in times:
         per_seed = {}
@@ -73,8 +77,7 @@ def drift_curve(exp, calib_w, eval_w, clean_rec, times) -> dict:
             noisy = _eval(exp, s, eval_w, clean_rec=clean_rec, t=t)
             plan = plans[s]
             once = _eval(exp, s, eval_w, plan, maps_t0[s], clean_rec, t=t)
-            exp.set_state(s, plan, t_inference_s=t)
-            maps_t = exp.calibrate(calib_w, clean_replaced(clean_pct, plan), plan)
+            maps_t = _calibrated(exp, s, plan, calib_w, clean_pct, t)
             recal = _eval(exp, s, eval_w, plan, maps_t, clean_rec, t=t)
             per_seed[s] = {"noisy": noisy, "romer": once, "romer_recalibrated": recal}
         ppl, lb = _summary(per_seed, ("noisy", "romer", "romer_recalibrated"), seeds)

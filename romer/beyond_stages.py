@@ -19,9 +19,9 @@ ARCH_JSON = "metrics/architectures.json"
 
 def _setup(params, model_dir=None):
     from .evaluation import perplexity
-    from .experiment import Experiment
+    from .experiment import MODEL_DIR, Experiment
 
-    exp = Experiment(params) if model_dir is None else Experiment(params, model_dir=model_dir)
+    exp = Experiment(params, model_dir=model_dir or MODEL_DIR)
     e = params.eval
     eval_w = exp.windows(e.dataset, e.seq_len, max_tokens=e.max_tokens, key="eval")
     calib_w = exp.calib_windows()
@@ -111,10 +111,9 @@ def run_drift(params):
 
 def run_report(params):
     from .report import write_report
-
-    path = write_report()
     from .tracking import log_run
 
+    path = write_report()
     ev = read_json("metrics/eval.json")
     log_run(params, ev, run_name="report", extra_artifacts=[path])
     return path
@@ -136,6 +135,7 @@ def run_family_eval(params, name):
     """Clean, noisy and ROMER PPL (and load CV) of family `name` at noise.scale, as the sweep points."""
     from .adapters import describe
     from .beyond import sweep_point
+    from .evaluation import routing_report
     from .tracking import log_run
 
     model_dir = FAMILY_MODELS / name
@@ -145,8 +145,6 @@ def run_family_eval(params, name):
     p = params.model_copy(update={"model": params.model.model_copy(update={"source": str(model_dir)})})
     exp, eval_w, calib_w, clean, clean_rec = _setup(p, model_dir=model_dir)
     out = sweep_point(exp, calib_w, eval_w, clean, clean_rec, params.noise.scale)
-    from .evaluation import routing_report
-
     out["clean_cv"] = routing_report(clean_rec, exp.num_experts, params.replace.tau)["mean"]["cv"]
     train = read_json(model_dir / "builtin_report.json")
     out.update(family=name, architecture=describe(exp.model), dataset=params.eval.dataset,

@@ -79,33 +79,9 @@ def encode(tokenizer, text: str) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- model
 
-def build_olmoe_config(cfg, vocab_size: int):
-    """OlmoeConfig of the embedded model for BuiltinParams `cfg` and the trained tokenizer's size."""
-    from transformers import OlmoeConfig
-
-    return OlmoeConfig(
-        vocab_size=vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads,
-        num_experts=cfg.num_experts,
-        num_experts_per_tok=cfg.top_k,
-        norm_topk_prob=False,  # as OLMoE: the top-k softmax weights are not renormalised
-        max_position_embeddings=cfg.seq_len,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        initializer_range=0.02,
-        tie_word_embeddings=cfg.tie_embeddings,
-        router_aux_loss_coef=cfg.aux_loss_coef,
-        output_router_logits=False,  # must stay False for generation (transformers crashes otherwise)
-        pad_token_id=0, bos_token_id=0, eos_token_id=0,
-        use_cache=True,
-        experts_implementation=cfg.experts_implementation,
-    )
-
-
 def _common(cfg, vocab_size: int) -> dict:
+    """Config keys every family shares. output_router_logits must stay False for generation
+    (transformers crashes otherwise)."""
     return dict(
         vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads, num_experts_per_tok=cfg.top_k,
@@ -113,6 +89,19 @@ def _common(cfg, vocab_size: int) -> dict:
         initializer_range=0.02, tie_word_embeddings=cfg.tie_embeddings, output_router_logits=False,
         pad_token_id=0, bos_token_id=0, eos_token_id=0, use_cache=True,
         experts_implementation=cfg.experts_implementation,
+    )
+
+
+def build_olmoe_config(cfg, vocab_size: int):
+    """OlmoeConfig of the embedded model for BuiltinParams `cfg` and the trained tokenizer's size."""
+    from transformers import OlmoeConfig
+
+    return OlmoeConfig(
+        **_common(cfg, vocab_size),
+        intermediate_size=cfg.intermediate_size,
+        num_experts=cfg.num_experts,
+        norm_topk_prob=False,  # as OLMoE: the top-k softmax weights are not renormalised
+        router_aux_loss_coef=cfg.aux_loss_coef,
     )
 
 

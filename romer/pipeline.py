@@ -76,8 +76,7 @@ def run_replace(params) -> dict:
     profile = read_json(PROFILE_JSON)
     r = params.replace
     plan = make_plan(profile["noisy_load"], r.tau, r.max_per_layer, r.strategy)
-    per_chip = {seed: make_plan({k: v["load"] for k, v in rep["layers"].items()}, r.tau, r.max_per_layer,
-                                r.strategy) for seed, rep in profile["noisy"].items()}
+    per_chip = {seed: plan_from_report(rep, r) for seed, rep in profile["noisy"].items()}
     n_slots = len(profile["noisy_load"]) * profile["num_experts"]
     plan["per_chip_replaced"] = {seed: p["replaced"] for seed, p in per_chip.items()}
     plan["budget_fraction"] = sum(plan["per_chip_replaced"].values()) / len(per_chip) / n_slots
@@ -173,12 +172,16 @@ def method_specs(modes=("per_chip",), hetero=None, analog=()):
     return specs
 
 
+def plan_from_report(rep: dict, r) -> dict:
+    """Replacement plan (ReplaceParams r) from one routing report's per-layer expert load."""
+    return make_plan({k: v["load"] for k, v in rep["layers"].items()}, r.tau, r.max_per_layer, r.strategy)
+
+
 def chip_plan(exp, seed, calib_w) -> dict:
     """Replacement plan of one chip: its own expert load on the calibration data under its noise."""
-    r = exp.params.replace
     exp.set_state(seed)
-    rep = routing_report(_record_routing(exp, calib_w), exp.num_experts, r.tau)
-    return make_plan({k: v["load"] for k, v in rep["layers"].items()}, r.tau, r.max_per_layer, r.strategy)
+    return plan_from_report(routing_report(_record_routing(exp, calib_w), exp.num_experts, exp.params.replace.tau),
+                            exp.params.replace)
 
 
 def evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, specs=None, modes=("per_chip",), bar=None):
