@@ -24,13 +24,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from romer.evaluation import mean_ci, paired_reduction, perplexity  # noqa: E402
-from romer.experiment import Experiment, set_determinism  # noqa: E402
-from romer.io import write_json  # noqa: E402
-from romer.params import load_params  # noqa: E402
-from romer.pipeline import compute_percentiles, evaluate_seed, profile_routing  # noqa: E402
-from romer.replacement import make_plan  # noqa: E402
-from romer.routing import Recorder  # noqa: E402
+from romer.evaluation.measure import mean_ci, paired_reduction, perplexity  # noqa: E402
+from romer.core.numerics import set_determinism
+from romer.pipeline.experiment import Experiment  # noqa: E402
+from romer.core.io import write_json  # noqa: E402
+from romer.core.params import load_params  # noqa: E402
+from romer.pipeline.stages import compute_percentiles, evaluate_seed, profile_routing  # noqa: E402
+from romer.methods.replacement import make_plan  # noqa: E402
+from romer.moe.routing import Recorder  # noqa: E402
 
 
 def with_params(exp, **sections):
@@ -55,7 +56,7 @@ def main(argv=None):
 
     t0 = time.time()
     params = load_params()
-    set_determinism(params.builtin.threads)
+    set_determinism(params.numerics.threads)
     exp = Experiment(params)
     e = params.eval
     eval_w = exp.windows(args.dataset, e.seq_len, max_tokens=args.max_tokens)
@@ -94,7 +95,7 @@ def main(argv=None):
     if "limits" in args.parts:
         # What routing repair could reach at best: noisy weights, but every token routed to its clean
         # top-k set (weights from the noisy logits restricted to that set, as the family routes).
-        from romer.routing import LayerRouting
+        from romer.moe.routing import LayerRouting
 
         def oracle_plan():
             queues = {layer: list(clean_rec.indices[layer]) for layer in exp.layers}

@@ -20,11 +20,12 @@ import torch
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from romer.calibration import compose, make_transform  # noqa: E402
-from romer.evaluation import perplexity  # noqa: E402
-from romer.experiment import Experiment, set_determinism  # noqa: E402
-from romer.params import load_params  # noqa: E402
-from romer.pipeline import clean_percentiles  # noqa: E402
+from romer.methods.calibration import compose, make_transform  # noqa: E402
+from romer.evaluation.measure import perplexity  # noqa: E402
+from romer.core.numerics import set_determinism
+from romer.pipeline.experiment import Experiment  # noqa: E402
+from romer.core.params import load_params  # noqa: E402
+from romer.pipeline.stages import clean_percentiles  # noqa: E402
 
 MODELS = {"olmoe": "models/model", "qwen2_moe": "models/families/qwen2_moe",
           "deepseek_v3": "models/families/deepseek_v3"}
@@ -67,7 +68,7 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = ap.parse_args(argv)
     params = load_params()
-    set_determinism(params.builtin.threads)
+    set_determinism(params.numerics.threads)
     e = params.eval
     out = {}
     for fam in args.families:

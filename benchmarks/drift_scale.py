@@ -13,9 +13,10 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from romer.evaluation import perplexity  # noqa: E402
-from romer.experiment import Experiment, set_determinism  # noqa: E402
-from romer.params import load_params  # noqa: E402
+from romer.evaluation.measure import perplexity  # noqa: E402
+from romer.core.numerics import set_determinism
+from romer.pipeline.experiment import Experiment  # noqa: E402
+from romer.core.params import load_params  # noqa: E402
 
 
 def main(argv=None):
@@ -25,7 +26,7 @@ def main(argv=None):
     ap.add_argument("--times", type=float, nargs="+", default=[25, 3600, 86400, 2592000, 31536000])
     args = ap.parse_args(argv)
     params = load_params()
-    set_determinism(params.builtin.threads)
+    set_determinism(params.numerics.threads)
     exp = Experiment(params)
     e = params.eval
     w = exp.windows(e.dataset, e.seq_len, max_tokens=e.max_tokens)

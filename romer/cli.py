@@ -6,12 +6,12 @@ import argparse
 import json
 import sys
 
-from .errors import UserError
+from romer.core.errors import UserError
 
 
 def _cmd_inspect(args):
-    from .models import load_model
-    from .adapters import describe
+    from romer.moe.models import load_model
+    from romer.moe.adapters import describe
 
     model = load_model(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code)
     info = describe(model)
@@ -28,19 +28,19 @@ def _cmd_inspect(args):
 
 
 def _cmd_fit_noise(args):
-    from .noise_fit import fit_noise_cli
+    from romer.cim.noise_fit import fit_noise_cli
 
     fit_noise_cli(args.csv, args.output, degree=args.degree, plot=args.plot)
 
 
 def _cmd_presets(args):
-    from .noise_models import presets_cli
+    from romer.cim.noise_models import presets_cli
 
     presets_cli(as_json=args.json)
 
 
 def _cmd_mlflow_log(args):
-    from .tracking import log_committed_metrics
+    from romer.reporting.tracking import log_committed_metrics
 
     log_committed_metrics(args.params)
 

@@ -94,14 +94,14 @@ def cases(tmp):
 
 
 SNIPPETS = {
-    "eval_text": "from romer.params import load_params; from romer.data import load_text, eval_windows\n"
-                 "from romer.errors import exit_on_user_error\n"
+    "eval_text": "from romer.core.params import load_params; from romer.data.text import load_text, eval_windows\n"
+                 "from romer.core.errors import exit_on_user_error\n"
                  "@exit_on_user_error\ndef main():\n p = load_params()\n"
                  " class T:\n  def __call__(self, s, add_special_tokens=False): return {'input_ids': list(range(len(s.split())))}\n"
-                 " import torch; from romer.data import tokenize\n"
+                 " import torch; from romer.data.text import tokenize\n"
                  " eval_windows(tokenize(T(), load_text(p.eval.dataset, p.builtin)), p.eval.seq_len)\nmain()\n",
-    "task": "from romer.params import load_params; from romer.tasks import check_task_names\n"
-            "from romer.errors import exit_on_user_error\n"
+    "task": "from romer.core.params import load_params; from romer.evaluation.tasks import check_task_names\n"
+            "from romer.core.errors import exit_on_user_error\n"
             "@exit_on_user_error\ndef main():\n check_task_names(load_params().eval.tasks)\nmain()\n",
 }
 
@@ -115,7 +115,7 @@ def main():
             params_with(tmp, over or {})
             (tmp / "metrics").mkdir(exist_ok=True)
             if cmd[0].startswith("stages/"):
-                argv = [PY, str(REPO / cmd[0])]
+                argv = [PY, "-m", cmd[0].removesuffix(".py").replace("/", ".")]
             elif cmd[0] == "py":
                 argv = [PY, "-c", SNIPPETS[cmd[1]]]
             else:

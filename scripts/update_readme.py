@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from romer.report import update_readme  # noqa: E402
+from romer.reporting.report import update_readme  # noqa: E402
 
 if __name__ == "__main__":
     update_readme()

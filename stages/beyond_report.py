@@ -1,20 +1,19 @@
-"""Beyond-the-paper stage `beyond_report` (beyond/dvc.yaml): see romer/beyond_stages.py (run_report)."""
+"""DVC stage `beyond_report`: the one-page report.
 
-import sys
-from pathlib import Path
+Run from the repo root as `python -m stages.beyond_report`; the work is romer.beyond.stages.run_report, and dvc.yaml names its
+deps, params and outs.
+"""
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # repo root, not stages/
-
-from romer.beyond_stages import run_report  # noqa: E402
-from romer.errors import exit_on_user_error  # noqa: E402
-from romer.experiment import set_determinism  # noqa: E402
-from romer.params import load_params  # noqa: E402
+from romer.beyond.stages import run_report
+from romer.core.errors import exit_on_user_error
+from romer.core.numerics import set_determinism
+from romer.core.params import load_params
 
 
 @exit_on_user_error
 def main():
     params = load_params()
-    set_determinism(params.builtin.threads)
+    set_determinism(params.numerics.threads)
     run_report(params)
 
 

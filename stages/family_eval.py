@@ -1,26 +1,24 @@
-"""Beyond-the-paper stage (beyond/dvc.yaml, foreach over beyond.families): see romer/beyond_stages.py (run_family_eval).
+"""Beyond-the-paper stage `family_eval` (beyond/dvc.yaml, foreach): clean, noisy and ROMER on one family.
 
-    python stages/family_eval.py FAMILY
+    python -m stages.family_eval FAMILY
 """
 
 import sys
-from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # repo root, not stages/
-
-from romer.beyond_stages import run_family_eval  # noqa: E402
-from romer.errors import UserError, exit_on_user_error  # noqa: E402
-from romer.experiment import set_determinism  # noqa: E402
-from romer.params import load_params  # noqa: E402
+from romer.beyond.stages import run_family_eval
+from romer.core.errors import UserError, exit_on_user_error
+from romer.core.numerics import set_determinism
+from romer.core.params import load_params
 
 
 @exit_on_user_error
 def main():
     if len(sys.argv) != 2:
-        raise UserError("usage: python stages/family_eval.py FAMILY")
+        raise UserError("usage: python -m stages.family_eval FAMILY")
+    value = sys.argv[1]
     params = load_params()
-    set_determinism(params.builtin.threads)
-    run_family_eval(params, sys.argv[1])
+    set_determinism(params.numerics.threads)
+    run_family_eval(params, value)
 
 
 if __name__ == "__main__":

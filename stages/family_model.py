@@ -1,28 +1,24 @@
-"""Beyond-the-paper stage (beyond/dvc.yaml, foreach over beyond.families): see romer/beyond_stages.py (run_family_model).
+"""Beyond-the-paper stage `family_model` (beyond/dvc.yaml, foreach): trains one family of beyond.families with the builtin recipe.
 
-    python stages/family_model.py FAMILY
+    python -m stages.family_model FAMILY
 """
 
-import os
 import sys
-from pathlib import Path
 
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")  # before torch loads OpenMP, as stages/fetch_model.py
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # repo root, not stages/
-
-from romer.beyond_stages import run_family_model  # noqa: E402
-from romer.errors import UserError, exit_on_user_error  # noqa: E402
-from romer.experiment import set_determinism  # noqa: E402
-from romer.params import load_params  # noqa: E402
+from romer.beyond.stages import run_family_model
+from romer.core.errors import UserError, exit_on_user_error
+from romer.core.numerics import set_determinism
+from romer.core.params import load_params
 
 
 @exit_on_user_error
 def main():
     if len(sys.argv) != 2:
-        raise UserError("usage: python stages/family_model.py FAMILY")
+        raise UserError("usage: python -m stages.family_model FAMILY")
+    value = sys.argv[1]
     params = load_params()
-    set_determinism(params.builtin.threads)
-    run_family_model(params, sys.argv[1])
+    set_determinism(params.numerics.threads)
+    run_family_model(params, value)
 
 
 if __name__ == "__main__":

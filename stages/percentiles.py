@@ -1,21 +1,19 @@
-"""DVC stage `percentiles`: see romer/pipeline.py (run_percentiles) and dvc.yaml for its inputs and outputs."""
+"""DVC stage `percentiles`: clean router-logit percentiles and the `expected` calibration maps.
 
-import sys
-from pathlib import Path
+Run from the repo root as `python -m stages.percentiles`; the work is romer.pipeline.stages.run_percentiles, and dvc.yaml names its
+deps, params and outs.
+"""
 
-# Repo root instead of stages/ on the path: stages/profile.py would shadow the stdlib `profile`.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from romer.errors import exit_on_user_error  # noqa: E402
-from romer.experiment import set_determinism  # noqa: E402
-from romer.params import load_params  # noqa: E402
-from romer.pipeline import run_percentiles  # noqa: E402
+from romer.pipeline.stages import run_percentiles
+from romer.core.errors import exit_on_user_error
+from romer.core.numerics import set_determinism
+from romer.core.params import load_params
 
 
 @exit_on_user_error
 def main():
     params = load_params()
-    set_determinism(params.builtin.threads)
+    set_determinism(params.numerics.threads)
     run_percentiles(params)
 
 

@@ -1,21 +1,19 @@
-"""DVC stage `profile`: see romer/pipeline.py (run_profile) and dvc.yaml for its inputs and outputs."""
+"""DVC stage `profile`: routes calibration tokens through the clean model and the noisy instances (calib.seeds).
 
-import sys
-from pathlib import Path
+Run from the repo root as `python -m stages.profile`; the work is romer.pipeline.stages.run_profile, and dvc.yaml names its
+deps, params and outs.
+"""
 
-# Repo root instead of stages/ on the path: stages/profile.py would shadow the stdlib `profile`.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from romer.errors import exit_on_user_error  # noqa: E402
-from romer.experiment import set_determinism  # noqa: E402
-from romer.params import load_params  # noqa: E402
-from romer.pipeline import run_profile  # noqa: E402
+from romer.pipeline.stages import run_profile
+from romer.core.errors import exit_on_user_error
+from romer.core.numerics import set_determinism
+from romer.core.params import load_params
 
 
 @exit_on_user_error
 def main():
     params = load_params()
-    set_determinism(params.builtin.threads)
+    set_determinism(params.numerics.threads)
     run_profile(params)
 
 

@@ -1,19 +1,19 @@
-"""DVC stage `replace`: see romer/pipeline.py (run_replace) and dvc.yaml for its inputs and outputs."""
+"""DVC stage `replace`: picks the underactivated experts and the hot experts to copy.
 
-import sys
-from pathlib import Path
+Run from the repo root as `python -m stages.replace`; the work is romer.pipeline.stages.run_replace, and dvc.yaml names its
+deps, params and outs.
+"""
 
-# Repo root instead of stages/ on the path: stages/profile.py would shadow the stdlib `profile`.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from romer.errors import exit_on_user_error  # noqa: E402
-from romer.params import load_params  # noqa: E402
-from romer.pipeline import run_replace  # noqa: E402
+from romer.pipeline.stages import run_replace
+from romer.core.errors import exit_on_user_error
+from romer.core.numerics import set_determinism
+from romer.core.params import load_params
 
 
 @exit_on_user_error
 def main():
     params = load_params()
+    set_determinism(params.numerics.threads)
     run_replace(params)
 
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from romer.adapters import analog_tensors, describe, get_adapter
-from romer.errors import UserError
-from romer.routing import LayerRouting, Recorder, routed
+from romer.moe.adapters import analog_tensors, describe, get_adapter
+from romer.core.errors import UserError
+from romer.moe.routing import LayerRouting, Recorder, routed
 
 from deepseek_moe_mirror import Cfg, DeepseekForCausalLM
 from tiny_models import FAMILIES, build
@@ -180,8 +180,8 @@ def test_inspect_cli_refuses_dense_and_bad_sources(tmp_path, capsys):
 def test_device_map_auto_loads_on_cpu(tmp_path, ids):
     """model.device_map: auto (accelerate) places a model on what there is, here the CPU, and the
     evaluation path gives the same NLL as the plain load."""
-    from romer.evaluation import nll_pass
-    from romer.models import input_device, load_model
+    from romer.evaluation.measure import nll_pass
+    from romer.moe.models import input_device, load_model
 
     make("olmoe").save_pretrained(tmp_path / "m")
     plain = load_model(str(tmp_path / "m"), device="cpu")
@@ -198,7 +198,7 @@ def test_chunked_nll_equals_full_logits(name, ids):
     it must equal the cross-entropy of the model's own logits."""
     import torch.nn.functional as F
 
-    from romer.evaluation import nll_pass
+    from romer.evaluation.measure import nll_pass
 
     model = make(name)
     total, count = nll_pass(model, get_adapter(model), ids, 1, "cpu")

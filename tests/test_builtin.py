@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from romer.corpus import builtin_splits, read_corpus, split_text
-from romer.errors import UserError
-from romer.params import BuiltinParams
+from romer.data.corpus import builtin_splits, read_corpus, split_text
+from romer.core.errors import UserError
+from romer.core.params import BuiltinParams
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "data" / "corpus"
 
 TINY = dict(corpus_dir=str(CORPUS), max_chars=120_000, vocab_size=400, hidden_size=32, num_layers=2, num_heads=2,
             num_experts=4, top_k=2, intermediate_size=32, seq_len=32, batch_size=4, steps=6, warmup_steps=2,
-            eval_every=3, eval_windows=4, eval_tokens=2048, threads=1)
+            eval_every=3, eval_windows=4, eval_tokens=2048)
 
 
 def _load_script(name, path):
@@ -98,7 +98,7 @@ def test_params_validation():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from romer.builtin import train_builtin
+    from romer.builtin.train import train_builtin
 
     out = tmp_path_factory.mktemp("builtin") / "model"
     report, model = train_builtin(BuiltinParams(**TINY), out, progress=False, return_model=True)
@@ -128,7 +128,7 @@ def test_train_builtin_report(tiny_run):
 def test_saved_model_reloads_with_identical_logits(tiny_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from romer.builtin import build_olmoe_config
+    from romer.builtin.train import build_olmoe_config
 
     out, _, trained = tiny_run
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -153,7 +153,7 @@ def test_saved_model_reloads_with_identical_logits(tiny_run):
     assert torch.equal(a, b) and torch.equal(a, c)
 
     # The reported loss is the one transformers computes with labels=input_ids (what `evaluate` uses).
-    from romer.builtin import evaluate
+    from romer.builtin.train import evaluate
 
     w = torch.randint(0, cfg.vocab_size, (3, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -164,7 +164,7 @@ def test_saved_model_reloads_with_identical_logits(tiny_run):
 def test_recipe_is_deterministic(tiny_run, tmp_path):
     from safetensors.torch import load_file
 
-    from romer.builtin import train_builtin
+    from romer.builtin.train import train_builtin
 
     out, report, _ = tiny_run
     report2 = train_builtin(BuiltinParams(**TINY), tmp_path / "again", progress=False)
@@ -208,9 +208,9 @@ def test_fetch_model_stage_bad_params_exit_2(tmp_path, monkeypatch, capsys):
 def test_builtin_recipe_other_families(family, extra, tmp_path):
     """The recipe trains Qwen2-MoE and DeepSeek-V3 variants; the saved model loads as that family,
     and DeepSeek-V3's correction bias moved (aux-loss-free balancing) and was saved."""
-    from romer.adapters import describe
-    from romer.builtin import train_builtin
-    from romer.models import load_model
+    from romer.moe.adapters import describe
+    from romer.builtin.train import train_builtin
+    from romer.moe.models import load_model
 
     cfg = BuiltinParams(**{**TINY, "family": family, "steps": 7, **extra})
     report = train_builtin(cfg, tmp_path / family, progress=False)

@@ -1,6 +1,6 @@
 import torch
 
-from romer.calibration import affine_map, make_transform, percentiles
+from romer.methods.calibration import affine_map, make_transform, percentiles
 
 
 def test_mapping_sends_noisy_percentiles_onto_clean():

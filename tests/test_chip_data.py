@@ -1,12 +1,12 @@
-"""Measurement CSV loading and validation (romer.chip_data)."""
+"""Measurement CSV loading and validation (romer.cim.chip_data)."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from romer.chip_data import MIN_DEVICES_PER_LEVEL, load_measurements
-from romer.errors import UserError
+from romer.cim.chip_data import MIN_DEVICES_PER_LEVEL, load_measurements
+from romer.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 CHIP = ROOT / "data" / "chip"

@@ -1,12 +1,12 @@
-"""Weights on CIM arrays (romer.cim.AnalogWeights): mapping, noise statistics, seeds, restore."""
+"""Weights on CIM arrays (romer.cim.mapping.AnalogWeights): mapping, noise statistics, seeds, restore."""
 
 import math
 
 import pytest
 import torch
 
-from romer.cim import AnalogWeights, tensor_seed
-from romer.noise_models import NoiseModel, gaussian, pcm_joshi2020
+from romer.cim.mapping import AnalogWeights, tensor_seed
+from romer.cim.noise_models import NoiseModel, gaussian, pcm_joshi2020
 
 PCM = pcm_joshi2020()
 PROG_ONLY = NoiseModel(name="prog", kind="json", g_max=25.0, prog_coeffs=list(PCM.prog_coeffs))
@@ -177,7 +177,7 @@ def test_edit_replaces_a_slot_with_a_fresh_draw():
 
 
 def test_blocks_of_matrices_and_non_contiguous_tensors(monkeypatch):
-    import romer.cim as cim
+    import romer.cim.mapping as cim
 
     monkeypatch.setattr(cim, "CHUNK_ELEMENTS", 1000)  # one [20, 30] matrix per block
     torch.manual_seed(6)

@@ -1,7 +1,7 @@
 import torch
 
-from romer.adapters import get_adapter
-from romer.hetero import expert_max_neuron_norm, sensitive_experts
+from romer.moe.adapters import get_adapter
+from romer.methods.hetero import expert_max_neuron_norm, sensitive_experts
 
 from tiny_models import build
 

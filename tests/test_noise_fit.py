@@ -1,4 +1,4 @@
-"""Noise-model fitting (romer.noise_fit) and presets (romer.noise_models).
+"""Noise-model fitting (romer.cim.noise_fit) and presets (romer.cim.noise_models).
 
 Round trips: the shipped samples are drawn from published fits (scripts/make_chip_samples.py);
 fitting them must give back the generating curves. A law the code has never seen is generated here.
@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from romer.chip_data import load_measurements
-from romer.errors import UserError
-from romer.noise_fit import fit_noise, plot_fit
-from romer.noise_models import PRESETS, NoiseModel, gaussian, load_noise_model, resolve_noise_model
+from romer.cim.chip_data import load_measurements
+from romer.core.errors import UserError
+from romer.cim.noise_fit import fit_noise, plot_fit
+from romer.cim.noise_models import PRESETS, NoiseModel, gaussian
+from romer.cim.sources import load_noise_model, resolve_noise_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CHIP = ROOT / "data" / "chip"

@@ -1,5 +1,6 @@
 """Every params.yaml rule stops a stage before any work, naming the key and what was expected."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from romer.errors import UserError
-from romer.params import load_params
+from romer.core.errors import UserError
+from romer.core.params import load_params
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -81,7 +82,8 @@ def test_missing_and_malformed_file(tmp_path):
 
 
 def run_stage(tmp_path, stage):
-    return subprocess.run([sys.executable, str(REPO / "stages" / f"{stage}.py")], cwd=tmp_path,
+    env = dict(os.environ, PYTHONPATH=str(REPO))  # `stages` is a package of the repo root
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -108,7 +110,7 @@ def test_every_stage_validates_params_first(tmp_path):
 
 
 def test_device_map_and_family_params(tmp_path):
-    from romer.params import Params
+    from romer.core.params import Params
 
     assert Params.model_validate({"model": {"device_map": "auto"}}).model.device_map == "auto"
     with pytest.raises(Exception, match="device_map"):
@@ -122,3 +124,25 @@ def test_device_map_and_family_params(tmp_path):
         Params.model_validate({"beyond": {"families": {"q": {"familly": "qwen2_moe"}}}})
     with pytest.raises(UserError, match="has no family 'nope'"):
         p.family_builtin("nope")
+
+
+def _keys(d, pre=""):
+    out = set()
+    for k, v in d.items():
+        out.add(pre + k)
+        if isinstance(v, dict):
+            out |= _keys(v, f"{pre}{k}.")
+    return out
+
+
+def test_params_yaml_spells_out_every_schema_key_with_its_default():
+    """Nothing runs on a code default that params.yaml does not show, and the two never disagree."""
+    from romer.core.params import Params
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    schema = Params().model_dump(mode="json")
+    assert _keys(raw) == _keys(schema), {"only in params.yaml": sorted(_keys(raw) - _keys(schema)),
+                                         "only in the schema": sorted(_keys(schema) - _keys(raw))}
+    committed = load_params(REPO / "params.yaml").model_dump(mode="json")
+    diff = {k: (committed[s][k], schema[s][k]) for s in schema for k in schema[s] if committed[s][k] != schema[s][k]}
+    assert not diff, f"params.yaml value vs schema default: {diff}"

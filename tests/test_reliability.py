@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from romer.adapters import get_adapter
-from romer.params import Params
+from romer.moe.adapters import get_adapter
+from romer.core.params import Params
 
 from tiny_models import build
 
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 class FakeExp:
-    """The parts of romer.experiment.Experiment that run_evaluate touches before the seed loop."""
+    """The parts of romer.pipeline.experiment.Experiment that run_evaluate touches before the seed loop."""
 
     def __init__(self, params):
         self.params, self.device = params, "cpu"
@@ -38,7 +38,7 @@ class FakeExp:
 
 
 def test_one_failing_seed_fails_the_stage(tmp_path, monkeypatch):
-    import romer.pipeline as pl
+    import romer.pipeline.stages as pl
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "metrics").mkdir()

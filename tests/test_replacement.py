@@ -1,6 +1,6 @@
 import torch
 
-from romer.replacement import make_plan, routing_fns, weight_edit
+from romer.methods.replacement import make_plan, routing_fns, weight_edit
 
 
 def test_plan_on_constructed_profile():
@@ -62,7 +62,7 @@ def test_split_mask_excludes_slot_under_sigmoid_router_with_correction_bias():
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny_models import build
 
-    from romer.adapters import get_adapter
+    from romer.moe.adapters import get_adapter
 
     model = build("deepseek_v3")
     adapter = get_adapter(model)
@@ -89,9 +89,9 @@ def test_average_strategy_sentinel_is_safe_with_grouped_mm():
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny_models import build
 
-    from romer.adapters import get_adapter
-    from romer.calibration import compose
-    from romer.routing import Recorder, routed
+    from romer.moe.adapters import get_adapter
+    from romer.methods.calibration import compose
+    from romer.moe.routing import Recorder, routed
 
     ids = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(3))
     outs = {}

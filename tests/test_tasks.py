@@ -1,4 +1,4 @@
-"""Zero-shot tasks through lm-eval's HFLM on an in-memory tiny OLMoE (romer.tasks)."""
+"""Zero-shot tasks through lm-eval's HFLM on an in-memory tiny OLMoE (romer.evaluation.tasks)."""
 
 import json
 import random
@@ -6,11 +6,11 @@ import random
 import pytest
 import torch
 
-from romer.adapters import get_adapter
-from romer.calibration import calibrate_maps, collect_logits, compose, make_transform, percentiles
-from romer.errors import UserError
-from romer.params import Params
-from romer.tasks import LOCAL_TASKS, build_cloze, evaluate_tasks, load_tasks, write_local_task
+from romer.moe.adapters import get_adapter
+from romer.methods.calibration import calibrate_maps, collect_logits, compose, make_transform, percentiles
+from romer.core.errors import UserError
+from romer.core.params import Params
+from romer.evaluation.tasks import LOCAL_TASKS, build_cloze, evaluate_tasks, load_tasks, write_local_task
 
 WORDS = ("love death crown sword night king queen heart blood honour fair foul sweet noble gentle "
          "lord lady tongue grave heaven earth fortune duke sleep dream ghost storm").split()
@@ -61,7 +61,7 @@ def tiny_tokenizer(text):
 
 
 class TinyExperiment:
-    """What evaluate_tasks uses of romer.experiment.Experiment: params, model, tokenizer, adapter,
+    """What evaluate_tasks uses of romer.pipeline.experiment.Experiment: params, model, tokenizer, adapter,
     set_state/restore (seeded in-place noise on routers and experts), routing_plan, calibrate."""
 
     def __init__(self, params, tokenizer):
@@ -125,7 +125,7 @@ def setup(tmp_path_factory):
 
 def test_local_task_loads_offline(setup):
     tmp, exp, *_ = setup
-    from romer.corpus import builtin_splits
+    from romer.data.corpus import builtin_splits
 
     d = write_local_task("builtin_cloze", builtin_splits(exp.params.builtin)["test"], tmp / "cache")
     assert write_local_task("builtin_cloze", builtin_splits(exp.params.builtin)["test"], tmp / "cache") == d
@@ -138,11 +138,11 @@ def test_local_task_loads_offline(setup):
 
 
 def test_evaluate_tasks_shape(setup, capsys, monkeypatch):
-    import romer.tasks
+    import romer.evaluation.tasks
 
     tmp, exp, plan, pct, calib_w = setup
-    seen, run = [], romer.tasks.run_tasks
-    monkeypatch.setattr(romer.tasks, "run_tasks",
+    seen, run = [], romer.evaluation.tasks.run_tasks
+    monkeypatch.setattr(romer.evaluation.tasks, "run_tasks",
                         lambda *a, **k: seen.append(exp.model.config.output_router_logits) or run(*a, **k))
     clean = {int(k): torch.tensor(v, dtype=torch.float64) for k, v in pct["clean"].items()}
     states = {}

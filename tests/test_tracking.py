@@ -1,4 +1,4 @@
-"""MLflow logging of an evaluation run (romer.tracking), against a real local `mlflow server`."""
+"""MLflow logging of an evaluation run (romer.reporting.tracking), against a real local `mlflow server`."""
 
 import json
 import os
@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from romer.cli import main as cli_main
-from romer.params import Params, flatten
-from romer.tracking import log_run, metrics_from_eval
+from romer.core.params import Params, flatten
+from romer.reporting.tracking import log_run, metrics_from_eval
 
 
 def mci(values):
@@ -144,7 +144,7 @@ def test_log_run_reads_back_through_rest_api(server, workdir):
 
 
 def test_git_tags_in_a_checkout():
-    from romer.tracking import git_commit, git_dirty
+    from romer.reporting.tracking import git_commit, git_dirty
 
     here = Path(__file__).parent
     cwd = os.getcwd()

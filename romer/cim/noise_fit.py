@@ -1,0 +1,465 @@
+"""Fit a conductance noise model from chip measurements (romer.cim.chip_data.Measurements).
+
+Method (docs/noise.md has the details and which choices are this project's):
+1. Levels: the distinct programmed targets, or equal-count bins of continuous targets.
+2. Read noise (when some device has >= 2 reads at one time): per level and read time, the pooled
+   within-device variance of repeated reads.
+3. Programming noise, per level, at the level's earliest read time: the spread across devices of
+   (measured - target), each device averaged over its repeated reads, less the read-noise variance
+   that averaging leaves (sigma_read^2 / n_reads). Without repeated reads the spread includes read
+   noise (flagged `includes_read_noise`). The mean of (measured - target) is the level's offset.
+   sigma(g) is fitted by weighted least squares as a polynomial in g/g_max (weights: devices per
+   level / sigma^2, iterated), with R^2.
+4. Drift (when t_s has >= 2 distinct times per device): per device, least squares of ln g against
+   ln(t/t0), t0 the earliest read time, nu = -slope; per level, nu's mean and std (the std less the
+   per-device slope estimation variance). Without device_id, a population fit per level is used.
+The output JSON tabulates every curve on a grid of g in [0, g_max] (g_max: the largest target).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from romer.cim.chip_data import MIN_DEVICES_PER_LEVEL, Measurements, group_codes, load_measurements
+from romer.core.errors import UserError
+from romer.cim.noise_models import FORMAT, GRID_POINTS, NoiseModel, _fl
+
+READ_MIN_GROUPS = 5  # devices with repeated reads needed per (level, time) to estimate read noise
+
+
+def _group(*cols):
+    """Row -> group index for rows keyed by equal values in all of `cols`."""
+    return group_codes(*cols)
+
+
+def _wls_poly(x, y, n, degree, a=None, dof_a=None, iters=4):
+    """Weighted LS polynomial (coefficients in powers of x), weights 1/Var(sigma_hat) iterated.
+
+    Var(sigma_hat) ~ [2 (f^2 + a)^2/(n-1) + 2 a^2/dof_a] / (4 f^2) for a level of n devices, f the
+    fitted sigma, a the read-noise variance subtracted (its estimate having dof_a degrees of freedom).
+    """
+    V = np.vander(x, degree + 1, increasing=True)
+    n1 = np.maximum(n - 1, 1).astype(np.float64)
+    a = np.zeros_like(y) if a is None else np.asarray(a, dtype=np.float64)
+    dof_a = np.ones_like(y) if dof_a is None else np.maximum(np.asarray(dof_a, dtype=np.float64), 1)
+    w = n1 / np.maximum(y, 1e-12) ** 2
+    w = np.where(np.isfinite(w), w, n1)
+    coef = None
+    floor = max(1e-3 * float(np.max(np.abs(y))), 1e-12)
+    for it in range(iters):
+        sw = np.sqrt(w / w.max())
+        coef, *_ = np.linalg.lstsq(V * sw[:, None], y * sw, rcond=None)
+        f2 = np.maximum(V @ coef, floor) ** 2
+        w = 4 * f2 / (2 * (f2 + a) ** 2 / n1 + 2 * a**2 / dof_a)
+    fit = V @ coef
+    wn = w / w.sum()
+    ybar = float(np.sum(wn * y))
+    ss_tot = float(np.sum(wn * (y - ybar) ** 2))
+    ss_res = float(np.sum(wn * (y - fit) ** 2))
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
+    ss_tot_u = float(np.sum((y - y.mean()) ** 2))
+    ss_res_u = float(np.sum((y - fit) ** 2))
+    r2_u = 1.0 - ss_res_u / ss_tot_u if ss_tot_u > 0 else (1.0 if ss_res_u == 0 else 0.0)
+    rmse_rel = float(np.sqrt(np.mean(((y - fit) / np.maximum(np.abs(fit), 1e-12)) ** 2)))
+    return coef, r2, r2_u, rmse_rel
+
+
+def _interp_grid(grid, xp, fp):
+    return np.interp(grid, np.asarray(xp), np.asarray(fp))
+
+
+def _read_noise(m: Measurements, dev):
+    """Pooled within-device read variance per (level, time). -> dict[(level, t)] = (var, n_groups)."""
+    t = m.t_s if m.t_s is not None else np.zeros(len(m))
+    gi, ng = _group(dev, t)
+    cnt = np.bincount(gi, minlength=ng)
+    if cnt.max() < 2:
+        return {}
+    mean = np.bincount(gi, weights=m.g_measured, minlength=ng) / cnt
+    ss = np.bincount(gi, weights=(m.g_measured - mean[gi]) ** 2, minlength=ng)
+    # level and time of each group
+    g_level = np.zeros(ng, dtype=np.int64)
+    g_level[gi] = m.level
+    g_t = np.zeros(ng)
+    g_t[gi] = t
+    rep = cnt >= 2
+    out = {}
+    inv, nk = _group(g_level[rep], g_t[rep])
+    uk = np.zeros((nk, 2))
+    uk[inv, 0] = g_level[rep]
+    uk[inv, 1] = g_t[rep]
+    ss_k = np.bincount(inv, weights=ss[rep])
+    dof_k = np.bincount(inv, weights=(cnt[rep] - 1).astype(np.float64))
+    n_k = np.bincount(inv)
+    for (lv, tt), s, d, n in zip(uk, ss_k, dof_k, n_k):
+        if n >= READ_MIN_GROUPS:
+            out[(int(lv), float(tt))] = (float(s / d), int(n), float(d))
+    return out
+
+
+MAX_CENSORED = 0.8  # a level with more of its devices read as 0 than this is left out of the sigma fit
+
+
+def _censored_normal(x, c, cens):
+    """MLE (mean, std) of a normal sample left-censored at c (cens: x <= c was clipped to c)."""
+    import torch
+
+    xu = torch.as_tensor(x[~cens], dtype=torch.float64)
+    cc = torch.as_tensor(c[cens], dtype=torch.float64)
+    sd0 = float(np.std(x[~cens], ddof=1)) if (~cens).sum() > 1 else 1.0
+    sd0 = sd0 if sd0 > 0 else 1.0
+    mu0 = float(np.mean(x))
+    p = torch.zeros(2, dtype=torch.float64, requires_grad=True)  # (mu - mu0)/sd0, log(sd/sd0)
+    opt = torch.optim.LBFGS([p], max_iter=200, tolerance_grad=1e-10, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        mu, sd = mu0 + sd0 * p[0], sd0 * p[1].exp()
+        z = (xu - mu) / sd
+        nll = 0.5 * (z * z).sum() + len(xu) * torch.log(sd) - torch.special.log_ndtr((cc - mu) / sd).sum()
+        nll.backward()
+        return nll
+
+    opt.step(closure)
+    p = p.detach()
+    return mu0 + sd0 * float(p[0]), sd0 * math.exp(float(p[1]))
+
+
+def _programming(m: Measurements, dev, read):
+    """Per level at its earliest read: offset, total std, programming sigma, n devices."""
+    early = m.earliest_mask()
+    L = len(m.level_g)
+    r = m.g_measured - m.g_target
+    gi, ng = _group(dev[early], m.level[early])
+    cnt = np.bincount(gi, minlength=ng)
+    dmean = np.bincount(gi, weights=r[early], minlength=ng) / cnt
+    dtarget = np.bincount(gi, weights=m.g_target[early], minlength=ng) / cnt
+    d_level = np.zeros(ng, dtype=np.int64)
+    d_level[gi] = m.level[early]
+    t_early = np.zeros(L)
+    if m.t_s is not None:
+        t_early[m.level[early]] = m.t_s[early]
+    rows = []
+    any_read = False
+    for lv in range(L):
+        sel = d_level == lv
+        dm, n_reads = dmean[sel], cnt[sel]
+        rl = r[early][m.level[early] == lv]
+        var_between = float(np.var(dm, ddof=1))
+        offset = float(rl.mean())
+        # devices read as 0: conductances clipped at 0 (censored); fit a censored normal instead
+        floor = -dtarget[sel]
+        cens = dm <= floor + 1e-12
+        p0 = float(cens.mean())
+        if 0 < p0 <= MAX_CENSORED:
+            mu, sd = _censored_normal(dm, floor, cens)
+            n = len(dm)
+            var_between, offset = sd * sd * n / max(n - 1, 1), mu
+        rv = read.get((lv, float(t_early[lv]))) if m.t_s is not None else read.get((lv, 0.0))
+        sub = 0.0
+        if rv is not None:
+            sub = float(np.mean(rv[0] / n_reads))
+            any_read = True
+        rows.append({
+            "g_uS": float(m.level_g[lv]),
+            "t_s": float(t_early[lv]) if m.t_s is not None else None,
+            "n_devices": int(sel.sum()),
+            "n_rows": int(len(rl)),
+            "offset_uS": offset,
+            "std_uS": float(np.std(rl, ddof=1)),
+            "device_std_uS": math.sqrt(var_between),
+            "sigma_prog_uS": math.sqrt(max(var_between - sub, 0.0)),
+            "read_sigma_uS": math.sqrt(rv[0]) if rv is not None else None,
+            "censored_frac": p0,
+            "in_fit": p0 <= MAX_CENSORED,
+            "_read_var_share": sub,
+            "_read_dof": rv[2] if rv is not None else 1,
+        })
+    return rows, any_read
+
+
+def _drift_per_device(m: Measurements, dev, t0):
+    """Per device: nu (= -slope of ln g vs ln(t/t0)) and its estimation variance (NaN if unknown)."""
+    gi, ng = _group(dev, m.t_s)
+    cnt = np.bincount(gi, minlength=ng)
+    gbar = np.bincount(gi, weights=m.g_measured, minlength=ng) / cnt
+    g_dev = np.zeros(ng, dtype=np.int64)
+    g_dev[gi] = dev
+    g_t = np.zeros(ng)
+    g_t[gi] = m.t_s
+    n_dev = int(dev.max()) + 1
+    bad = np.bincount(g_dev, weights=(gbar <= 0).astype(np.float64), minlength=n_dev) > 0
+    ok = ~bad[g_dev]
+    x = np.log(g_t / t0)
+    y = np.log(np.where(gbar > 0, gbar, 1.0))
+    def s(v):
+        return np.bincount(g_dev[ok], weights=v[ok], minlength=n_dev)
+    k = np.bincount(g_dev[ok], minlength=n_dev).astype(np.float64)
+    Sx, Sy, Sxx, Sxy, Syy = s(x), s(y), s(x * x), s(x * y), s(y * y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sxx = Sxx - Sx**2 / k
+        sxy = Sxy - Sx * Sy / k
+        syy = Syy - Sy**2 / k
+        slope = sxy / sxx
+        rss = np.maximum(syy - slope * sxy, 0.0)
+        se2 = np.where(k > 2, rss / (k - 2) / sxx, np.nan)
+    valid = (k >= 2) & (sxx > 1e-12)
+    dev_level = np.zeros(n_dev, dtype=np.int64)
+    dev_level[dev] = m.level
+    return -slope, se2, valid, dev_level
+
+
+def _drift(m: Measurements, dev, has_dev):
+    """Per-level drift exponent statistics, or None when the data cannot give them."""
+    if m.t_s is None or len(np.unique(m.t_s)) < 2:
+        return None, "no t_s column" if m.t_s is None else "a single read time"
+    t0 = float(m.t_s.min())
+    L = len(m.level_g)
+    per = []
+    if has_dev:
+        nu, se2, valid, dev_level = _drift_per_device(m, dev, t0)
+        method = "per_device"
+        for lv in range(L):
+            sel = valid & (dev_level == lv)
+            n = int(sel.sum())
+            if n < MIN_DEVICES_PER_LEVEL:
+                continue
+            v = nu[sel]
+            var = float(np.var(v, ddof=1))
+            e = se2[sel]
+            corrected = bool(np.isfinite(e).all())
+            if corrected:
+                var = max(var - float(np.mean(e)), 0.0)
+            per.append({"g_uS": float(m.level_g[lv]), "n_devices": n, "nu_mean": float(v.mean()),
+                        "nu_std": math.sqrt(var), "nu_std_raw": float(np.std(v, ddof=1)),
+                        "std_corrected": corrected})
+        if not per:
+            return None, "fewer than 2 read times per device"
+    else:
+        method = "population"  # no device_id: fit level statistics over time
+        pos = m.g_measured > 0
+        for lv in range(L):
+            sel = pos & (m.level == lv)
+            times = np.unique(m.t_s[sel])
+            xs, mu, var = [], [], []
+            for tt in times:
+                lg = np.log(m.g_measured[sel & (m.t_s == tt)])
+                if len(lg) >= MIN_DEVICES_PER_LEVEL:
+                    xs.append(math.log(tt / t0))
+                    mu.append(lg.mean())
+                    var.append(lg.var(ddof=1))
+            if len(xs) < 2:
+                continue
+            xs, mu, var = map(np.asarray, (xs, mu, var))
+            b = np.polyfit(xs, mu, 1)[0]
+            vs = np.polyfit(xs**2, var, 1)[0] if len(xs) >= 2 and np.ptp(xs**2) > 0 else 0.0
+            per.append({"g_uS": float(m.level_g[lv]), "n_devices": int(sel.sum()), "nu_mean": float(-b),
+                        "nu_std": math.sqrt(max(float(vs), 0.0)), "nu_std_raw": None, "std_corrected": False})
+        if not per:
+            return None, "too few reads per time"
+    g = np.array([p["g_uS"] for p in per])
+    mean = np.array([p["nu_mean"] for p in per])
+    std = np.array([p["nu_std"] for p in per])
+    param = None
+    if len(per) >= 2:
+        lx = np.log(np.maximum(g, 1e-12) / m.g_target.max())
+        param = {"form": "a + b * ln(g/g_max) (summary only; the model uses the table)",
+                 "mean_ab": [float(c) for c in np.polyfit(lx, mean, 1)[::-1]],
+                 "std_ab": [float(c) for c in np.polyfit(lx, std, 1)[::-1]]}
+    return {"t0_s": t0, "method": method, "levels": per, "parametric": param}, None
+
+
+def fit_noise(measurements: Measurements, degree: int = 2, source: str | None = None) -> dict:
+    """Fit the noise model JSON (see DESIGN.md and docs/noise.md) from validated measurements."""
+    m = measurements
+    files = ", ".join(m.files)
+    if not isinstance(degree, (int, np.integer)) or isinstance(degree, bool) or degree < 0:
+        raise UserError(f"--degree/noise.degree must be an integer >= 0, got {degree!r}")
+    L = len(m.level_g)
+    if L < degree + 1:
+        raise UserError(
+            f"{files}: column 'g_target_uS': {L} programmed level(s), but a degree-{degree} polynomial needs at "
+            f"least {degree + 1}; lower --degree (noise.degree) or measure more levels")
+    g_max = float(m.g_target.max())
+    if not g_max > 0:
+        raise UserError(f"{files}: column 'g_target_uS': all targets are 0; need targets > 0 to set g_max")
+    dev, n_dev = m.device_keys()
+    read = _read_noise(m, dev) if m.device is not None else {}
+    levels, read_used = _programming(m, dev, read)
+
+    lg = np.array([lv["g_uS"] for lv in levels])
+    use = np.array([lv["in_fit"] for lv in levels])
+    sig = np.array([lv["sigma_prog_uS"] for lv in levels])
+    n_eff = np.array([lv["n_devices"] * (1 - lv["censored_frac"]) for lv in levels])
+    a = np.array([lv["_read_var_share"] for lv in levels])
+    dof_a = np.array([lv["_read_dof"] for lv in levels])
+    for lv in levels:
+        del lv["_read_var_share"], lv["_read_dof"]
+    if use.sum() < degree + 1:
+        raise UserError(
+            f"{files}: column 'g_measured_uS': only {int(use.sum())} level(s) have most reads above 0, but a "
+            f"degree-{degree} polynomial needs {degree + 1}; lower --degree (noise.degree)")
+    coef, r2, r2_u, rmse_rel = _wls_poly(lg[use] / g_max, sig[use], n_eff[use], degree, a[use], dof_a[use])
+    grid = np.linspace(0.0, g_max, GRID_POINTS)
+    sig_grid = np.maximum(np.polyval(coef[::-1], grid / g_max), 0.0)
+
+    drift, why_no_drift = _drift(m, dev, m.device is not None)
+    drift_json = None
+    if drift is not None:
+        dl = drift["levels"]
+        gx = [p["g_uS"] for p in dl]
+        drift_json = {"g_uS": _fl(grid), "mean": _fl(_interp_grid(grid, gx, [p["nu_mean"] for p in dl])),
+                      "std": _fl(_interp_grid(grid, gx, [p["nu_std"] for p in dl])), "t0_s": drift["t0_s"],
+                      "law": "table"}
+        for lv in levels:
+            p = next((p for p in dl if p["g_uS"] == lv["g_uS"]), None)
+            lv["nu_mean"] = p["nu_mean"] if p else None
+            lv["nu_std"] = p["nu_std"] if p else None
+
+    read_json = None
+    if read:
+        times = sorted({t for (_, t) in read})
+        rows = []
+        for t in times:
+            pts = sorted((m.level_g[lv], v[0]) for (lv, tt), v in read.items() if tt == t)
+            rows.append(_fl(np.sqrt(_interp_grid(grid, [p[0] for p in pts], [p[1] for p in pts]))))
+        read_json = {"law": "table", "g_uS": _fl(grid), "t_s": _fl(times) if m.t_s is not None else [1.0],
+                     "sigma_uS": rows,
+                     "levels": [{"g_uS": float(m.level_g[lv]), "t_s": t, "sigma_uS": math.sqrt(v[0]), "n_devices": v[1]}
+                                for (lv, t), v in sorted(read.items())]}
+        if m.t_s is None:
+            read_json["note"] = "no t_s column: read noise is taken as constant in time"
+
+    n_rows = len(m)
+    return {
+        "format": FORMAT,
+        "name": "fitted",
+        "kind": "fitted",
+        "description": f"fitted from {len(m.files)} measurement file(s)",
+        "citation": "",
+        "source": source or files,
+        "files": list(m.files),
+        "preset": None,
+        "g_max_uS": g_max,
+        "clip_at_zero": True,
+        "programming_sigma_uS": {"g_uS": _fl(grid), "sigma_uS": _fl(sig_grid)},
+        "programming_sigma_poly": {"form": "sigma_uS = sum_k coeffs_uS[k] * (g/g_max)^k", "degree": int(degree),
+                                   "coeffs_uS": [float(c) for c in coef], "r2": r2},
+        "mean_offset_uS": {"g_uS": _fl(lg), "offset_uS": _fl([lv["offset_uS"] for lv in levels]),
+                           "note": "reported, not applied to weights"},
+        "drift_nu": drift_json,
+        "read_noise": read_json,
+        "fit": {
+            "degree": int(degree), "r2": r2, "r2_unweighted": r2_u, "rmse_rel": rmse_rel,
+            "n_levels": L, "n_levels_fitted": int(use.sum()),
+            "n_devices": int(sum(lv["n_devices"] for lv in levels)), "n_rows": n_rows, "binned": bool(m.binned),
+            "fitted_range_uS": [float(lg[use].min()), float(lg[use].max())],
+            "censored_levels": int(sum(lv["censored_frac"] > 0 for lv in levels)),
+            "includes_read_noise": not read_used,
+            "drift": "fitted" if drift is not None else f"none ({why_no_drift})",
+            "read_noise": "fitted" if read else ("none (no device_id column)" if m.device is None
+                                                 else "none (no repeated reads of a device at one time)"),
+        },
+        "drift_fit": ({k: drift[k] for k in ("method", "t0_s", "parametric")} if drift else None),
+        "levels": levels,
+    }
+
+
+def plot_fit(fit_json: dict, png_path):
+    """PNG: measured std per level with the fitted sigma(g); nu per level when drift is fitted."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    has_drift = fit_json.get("drift_nu") is not None
+    has_read = fit_json.get("read_noise") is not None
+    n = 1 + has_drift + has_read
+    fig = Figure(figsize=(5.2 * n, 4.0))
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, n, i + 1) for i in range(n)]
+    ax = axes[0]
+    ps = fit_json["programming_sigma_uS"]
+    levels = fit_json.get("levels") or []
+    fit = fit_json.get("fit") or {}
+    if levels:
+        g = [lv["g_uS"] for lv in levels]
+        ax.plot(g, [lv["std_uS"] for lv in levels], "o", mfc="none", label="measured std (all reads)")
+        if not fit.get("includes_read_noise", True):
+            ax.plot(g, [lv["sigma_prog_uS"] for lv in levels], "s", ms=4, label="programming std (read noise removed)")
+    label = "fit"
+    if fit:
+        label = f"fit, degree {fit.get('degree')}, R² = {fit.get('r2', float('nan')):.4f}"
+    ax.plot(ps["g_uS"], ps["sigma_uS"], "-", label=label if levels else fit_json.get("name", "model"))
+    ax.set_xlabel("target conductance g (uS)")
+    ax.set_ylabel("sigma (uS)")
+    ax.set_title("programming noise")
+    ax.set_xlim(0, fit_json["g_max_uS"] * 1.02)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    k = 1
+    if has_drift:
+        ax = axes[k]
+        k += 1
+        d = fit_json["drift_nu"]
+        gg, mean, std = map(np.asarray, (d["g_uS"], d["mean"], d["std"]))
+        ax.plot(gg, mean, "-", label="nu mean")
+        ax.fill_between(gg, mean - std, mean + std, alpha=0.25, label="± nu std")
+        pts = [lv for lv in levels if lv.get("nu_mean") is not None]
+        if pts:
+            ax.errorbar([p["g_uS"] for p in pts], [p["nu_mean"] for p in pts], yerr=[p["nu_std"] for p in pts],
+                        fmt="o", mfc="none", capsize=3, label="per level")
+        ax.set_xlabel("target conductance g (uS)")
+        ax.set_ylabel("drift exponent nu")
+        ax.set_title(f"drift, t0 = {d['t0_s']:g} s")
+        ax.legend(fontsize=8)
+    if has_read:
+        ax = axes[k]
+        r = fit_json["read_noise"]
+        for t, row in zip(r["t_s"], r["sigma_uS"]):
+            ax.plot(r["g_uS"], row, "-", label=f"t = {t:g} s")
+        pts = r.get("levels") or []
+        if pts:
+            ax.plot([p["g_uS"] for p in pts], [p["sigma_uS"] for p in pts], "k.", ms=4, label="per level and time")
+        ax.set_xlabel("target conductance g (uS)")
+        ax.set_ylabel("read sigma (uS)")
+        ax.set_title("read noise")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"noise model: {fit_json.get('source') or fit_json.get('name')}"[:110], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(str(png_path), format="png", dpi=110)
+
+
+def fit_noise_cli(csv_list, output, degree: int = 2, plot=None):
+    """`romer fit-noise`: fit, then write the plot and the JSON atomically; nothing on error."""
+    import os
+
+    from romer.core.io import atomic_path, write_json
+
+    m = load_measurements(csv_list)
+    fit = fit_noise(m, degree=degree)
+    NoiseModel.from_json(fit)  # the JSON must load back
+    in_files = {os.path.abspath(f) for f in m.files}
+    for out in (output, plot):
+        if out is not None and os.path.abspath(out) in in_files:
+            raise UserError(f"{out}: output would overwrite an input CSV")
+    if plot is not None:
+        with atomic_path(plot) as tmp:
+            plot_fit(fit, tmp)
+    try:
+        write_json(output, fit)
+    except BaseException:
+        if plot is not None:
+            try:
+                os.remove(plot)
+            except OSError:
+                pass
+        raise
+    f = fit["fit"]
+    c = ", ".join(f"{x:.5g}" for x in fit["programming_sigma_poly"]["coeffs_uS"])
+    print(f"fitted {f['n_levels']} levels, {f['n_devices']} devices ({f['n_rows']} reads), g_max = {fit['g_max_uS']:g} uS")
+    print(f"programming sigma(g) = poly(g/g_max) with coeffs [{c}] uS, R² = {f['r2']:.4f}")
+    print(f"drift: {f['drift']}; read noise: {f['read_noise']}")
+    print(f"wrote {output}" + (f" and {plot}" if plot else ""))

@@ -1,0 +1,300 @@
+"""Typed schema for params.yaml, validated at the start of every stage.
+
+An unknown key, a wrong type, an out-of-range value or a missing file raises UserError with a
+message that names the key (dotted, e.g. `calibrate.percentiles`) and what was expected.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from romer.core.errors import UserError
+
+ANALOG_KINDS = ("routed_experts", "shared_experts", "attention", "router")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelParams(_Section):
+    source: str = "builtin"  # builtin | hub id | local directory
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Spread a model larger than one GPU over the GPUs (then the CPU) with accelerate; `device` is
+    # then ignored. null: the whole model on `device`.
+    device_map: Optional[Literal["auto", "balanced", "balanced_low_0", "sequential"]] = None
+
+
+class BuiltinParams(_Section):
+    """Corpus, tokenizer and training recipe of the embedded OLMoE-architecture model.
+
+    The defaults are the measured recipe of docs/builtin_model.md (about 7 minutes on 2 CPU cores).
+    """
+
+    corpus_dir: str = "data/corpus"
+    val_frac: float = Field(0.05, gt=0, lt=0.5)
+    test_frac: float = Field(0.05, gt=0, lt=0.5)
+    split_chunks: int = Field(10, ge=1)  # held-out text is taken from this many places in the corpus
+    max_chars: Optional[int] = Field(None, gt=0)  # cap the corpus (tests use a small slice)
+    vocab_size: int = Field(4096, ge=260)
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(2, gt=0)
+    num_experts: int = Field(16, ge=2)
+    top_k: int = Field(2, ge=1)
+    intermediate_size: int = Field(128, gt=0)  # per routed expert
+    # Family of the builtin model (beyond/dvc.yaml trains the others on the same corpus and recipe).
+    family: Literal["olmoe", "qwen2_moe", "deepseek_v3"] = "olmoe"
+    shared_experts: int = Field(0, ge=0)  # shared experts, each of intermediate_size (qwen2_moe, deepseek_v3: >= 1)
+    n_group: int = Field(1, ge=1)  # deepseek_v3: expert groups of group-limited top-k
+    topk_group: int = Field(1, ge=1)  # deepseek_v3: groups a token may pick experts from
+    bias_update_rate: float = Field(0.001, ge=0)  # deepseek_v3: aux-loss-free balancing step of the correction bias
+    tie_embeddings: bool = False
+    experts_implementation: Literal["grouped_mm", "eager"] = "grouped_mm"
+    seq_len: int = Field(256, ge=8)
+    batch_size: int = Field(8, gt=0)
+    steps: int = Field(1800, gt=0)
+    lr: float = Field(5e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_frac: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    aux_loss_coef: float = Field(0.05, ge=0)  # per-layer Switch load-balancing loss
+    z_loss_coef: float = Field(0.001, ge=0)  # router z-loss, as OLMoE
+    eval_every: Optional[int] = Field(300, gt=0)  # validation-loss probe every N steps (None: at the end)
+    eval_windows: int = Field(32, gt=0)  # windows of the validation probe during training
+    eval_tokens: Optional[int] = Field(None, gt=0)  # cap on the val/test tokens of the final report
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError("hidden_size / num_heads must be even (rotary embeddings)")
+        if self.val_frac + self.test_frac >= 0.5:
+            raise ValueError("val_frac + test_frac must be < 0.5")
+        if self.family == "olmoe" and self.shared_experts:
+            raise ValueError("shared_experts must be 0 for family olmoe (OLMoE has no shared experts)")
+        if self.family in ("qwen2_moe", "deepseek_v3") and self.shared_experts < 1:
+            raise ValueError(f"family {self.family} needs shared_experts >= 1")
+        if self.family == "deepseek_v3":
+            if self.num_experts % self.n_group:
+                raise ValueError(f"num_experts ({self.num_experts}) must be divisible by n_group ({self.n_group})")
+            per_group = self.num_experts // self.n_group
+            if self.topk_group > self.n_group or self.top_k > self.topk_group * per_group or per_group < 2:
+                raise ValueError(f"deepseek_v3 needs topk_group <= n_group, top_k <= topk_group * experts per group "
+                                 f"and >= 2 experts per group (got n_group {self.n_group}, topk_group "
+                                 f"{self.topk_group}, top_k {self.top_k}, {per_group} experts per group)")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
+        return self
+
+
+class NoiseParams(_Section):
+    source: str = "data/chip/pcm_sample.csv"  # CSV path/glob (fitted) or preset name
+    degree: int = Field(2, ge=0, le=6)
+    scale: float = Field(10.0, ge=0)
+    t_inference_s: float = Field(25.0, gt=0)
+    drift_compensation: bool = True
+
+
+class CimParams(_Section):
+    analog: list[str] = Field(default_factory=lambda: list(ANALOG_KINDS))
+    tile_rows: Optional[int] = Field(None, gt=0)
+    levels: Optional[int] = Field(None, ge=2)
+
+    @field_validator("analog")
+    @classmethod
+    def _kinds(cls, v):
+        bad = [k for k in v if k not in ANALOG_KINDS]
+        if bad:
+            raise ValueError(f"unknown analog kind(s) {bad}; expected a subset of {list(ANALOG_KINDS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("analog kinds must not repeat")
+        return v
+
+
+class CalibParams(_Section):
+    dataset: str = "builtin-train"  # builtin-train | builtin-validation | local text file | hub dataset
+    n_seqs: int = Field(64, gt=0)
+    seq_len: int = Field(256, ge=8)
+    batch_size: int = Field(16, gt=0)
+    seeds: list[int] = Field(default_factory=lambda: [100, 101, 102], min_length=1)
+
+
+class ReplaceParams(_Section):
+    tau: float = Field(0.25, ge=0)
+    max_per_layer: int = Field(2, ge=0)
+    strategy: Literal["copy_router", "split", "average"] = "split"
+
+
+class CalibrateParams(_Section):
+    percentiles: tuple[float, float] = (5.0, 95.0)
+    mode: Literal["per_chip", "expected"] = "per_chip"
+    layerwise: bool = True
+
+    @field_validator("percentiles", mode="before")
+    @classmethod
+    def _pair(cls, v):
+        if not isinstance(v, (list, tuple)) or len(v) != 2:
+            raise ValueError("expected [lo, hi]: two percentiles in (0, 100)")
+        return v
+
+    @field_validator("percentiles")
+    @classmethod
+    def _pct(cls, v):
+        lo, hi = v
+        if not (0 < lo < 100 and 0 < hi < 100):
+            raise ValueError(f"percentiles must lie in (0, 100), got {list(v)}")
+        if not lo < hi:
+            raise ValueError(f"percentiles need lo < hi, got {list(v)}")
+        return v
+
+
+class EvalParams(_Section):
+    dataset: str = "builtin-test"  # builtin-test | builtin-validation | local text file | wikitext2
+    seq_len: int = Field(256, ge=8)
+    batch_size: int = Field(8, gt=0)
+    max_tokens: Optional[int] = Field(32768, gt=0)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
+    tasks: list[str] = Field(default_factory=lambda: ["builtin_cloze"])
+    task_limit: Optional[int] = Field(200, gt=0)
+    # heterogeneous analog-digital baseline: fractions of experts per layer kept digital (besides
+    # the matched budget, which equals the fraction of experts ROMER rewrites)
+    hetero_fractions: list[float] = Field(default_factory=lambda: [0.125, 0.25])
+
+    @field_validator("hetero_fractions")
+    @classmethod
+    def _fracs(cls, v):
+        if any(not 0 < f <= 1 for f in v):
+            raise ValueError(f"fractions must lie in (0, 1], got {v}")
+        return v
+
+
+class BeyondParams(_Section):
+    """Beyond-the-paper stages (beyond/dvc.yaml): noise-scale sweep and drift over deployment time."""
+
+    scales: list[float] = Field(default_factory=lambda: [2, 4, 6, 8, 10, 12, 14, 16], min_length=1)
+    drift_times_s: list[float] = Field(default_factory=lambda: [3600, 86400, 2592000, 31536000], min_length=1)
+    # noise.scale of the drift run (None: noise.scale). It multiplies the spread of the drift exponent
+    # too, so the default scale 10 collapses the model within hours (docs/ablation.md).
+    drift_scale: Optional[float] = Field(3.0, gt=0)
+    # Other MoE families trained like the builtin model: {name: builtin overrides (family, shared_experts, ...)}.
+    families: dict[str, dict] = Field(default_factory=lambda: {
+        "qwen2_moe": {"family": "qwen2_moe", "shared_experts": 1},
+        "deepseek_v3": {"family": "deepseek_v3", "shared_experts": 1, "n_group": 4, "topk_group": 2},
+    })
+
+    @field_validator("families")
+    @classmethod
+    def _families(cls, v):
+        for name, over in v.items():
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+                raise ValueError(f"family name {name!r} must be letters, digits, '_' or '-'")
+            bad = set(over) - set(BuiltinParams.model_fields)
+            if bad:
+                raise ValueError(f"families.{name}: unknown builtin key(s) {sorted(bad)}")
+        return v
+
+    @field_validator("scales", "drift_times_s")
+    @classmethod
+    def _positive(cls, v):
+        if any(x <= 0 for x in v):
+            raise ValueError(f"values must be > 0, got {v}")
+        return v
+
+
+class NumericsParams(_Section):
+    """Numerical modes that make a run byte-identical across CPUs (romer/core/numerics.py)."""
+
+    # Intra-op threads of every stage. Reductions and MKL split their work by thread, so the same
+    # count is part of what a rerun elsewhere must match; 2 is the CI machine's core count.
+    threads: int = Field(2, gt=0)
+
+
+class MlflowParams(_Section):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "romer"
+    enabled: bool = True
+
+
+class Params(_Section):
+    model: ModelParams = Field(default_factory=ModelParams)
+    builtin: BuiltinParams = Field(default_factory=BuiltinParams)
+    noise: NoiseParams = Field(default_factory=NoiseParams)
+    cim: CimParams = Field(default_factory=CimParams)
+    calib: CalibParams = Field(default_factory=CalibParams)
+    replace: ReplaceParams = Field(default_factory=ReplaceParams)
+    calibrate: CalibrateParams = Field(default_factory=CalibrateParams)
+    eval: EvalParams = Field(default_factory=EvalParams)
+    beyond: BeyondParams = Field(default_factory=BeyondParams)
+    numerics: NumericsParams = Field(default_factory=NumericsParams)
+    mlflow: MlflowParams = Field(default_factory=MlflowParams)
+
+    def family_builtin(self, name: str) -> BuiltinParams:
+        """The builtin recipe with beyond.families[name] applied (validated as a whole)."""
+        if name not in self.beyond.families:
+            raise UserError(f"beyond.families has no family {name!r} (has: {', '.join(self.beyond.families) or 'none'})")
+        try:
+            return BuiltinParams(**{**self.builtin.model_dump(), **self.beyond.families[name]})
+        except ValidationError as e:
+            raise UserError(_format_error(f"params key 'beyond.families.{name}'", e)) from None
+
+
+def _format_error(path, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown key '{key}'")
+        else:
+            got = e.get("input")
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{path}: key '{key}': {msg} (got {got!r})")
+    return "\n  ".join(lines)
+
+
+def load_params(path="params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_format_error(path, e)) from None
+
+
+def require_file(path, key):
+    """Stop with a message naming the params key when a required input file is missing."""
+    if not Path(path).exists():
+        raise UserError(f"params key '{key}': file not found: {path}")
+    return Path(path)
+
+
+def flatten(d, prefix=""):
+    """Flatten nested dicts with dots: {'a': {'b': 1}} -> {'a.b': 1}."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

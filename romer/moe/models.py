@@ -1,0 +1,179 @@
+"""Model sources: builtin, a local directory, or a Hugging Face hub id (pinned revision).
+
+`fetch_model` materialises the source as `models/model`: the builtin model's weights, or a small
+`source.json` pointer for local and hub models (so DVC does not copy 30 GB of weights). Weights
+load from safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from romer.core.errors import UserError
+from romer.core.io import atomic_path
+from romer.core.paths import MODEL_DIR
+
+BUILTIN_DIR = Path(MODEL_DIR)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _hub_hint(repo_id):
+    return (
+        f"cannot reach the Hugging Face hub to get model '{repo_id}'. The hub is unreachable from this "
+        f"machine (or HF_HUB_OFFLINE is set). Download the model where the hub is reachable "
+        f"(e.g. `huggingface-cli download {repo_id} --revision <commit>`, or save_pretrained), copy the "
+        f"directory here, and set model.source in params.yaml to that local directory."
+    )
+
+
+def _download(repo_id, revision):
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.tiktoken"],
+            etag_timeout=10,
+        )
+    except Exception as e:  # connection, DNS, offline mode, missing repo: all end the same way
+        name = type(e).__name__
+        if "RepositoryNotFound" in name or "RevisionNotFound" in name:
+            raise UserError(f"model '{repo_id}' revision {revision!r} not found on the hub ({name})") from None
+        raise UserError(_hub_hint(repo_id) + f" [{name}]") from None
+
+
+def resolve_source(source: str, revision=None) -> Path:
+    """A local directory holding config.json (+ safetensors) for any model source."""
+    if source == "builtin":
+        source = str(BUILTIN_DIR)
+    p = Path(source)
+    if p.is_dir():
+        pointer = p / "source.json"
+        if pointer.is_file():
+            ref = json.loads(pointer.read_text())
+            if ref["kind"] == "hub":
+                return Path(_download(ref["id"], ref["commit"] or ref["revision"]))
+            return resolve_source(ref["path"])
+        if not (p / "config.json").is_file():
+            raise UserError(f"model directory {p} has no config.json (expected a save_pretrained directory)")
+        return p
+    if p.exists():
+        raise UserError(f"model source {p} is a file; expected a model directory or a hub id")
+    if source.startswith((".", "/", "~")) or not HUB_ID.match(source):
+        raise UserError(f"model source '{source}' is neither an existing directory nor a hub id (owner/name)")
+    return Path(_download(source, revision))
+
+
+def load_model(source="builtin", revision=None, trust_remote_code=False, dtype="float32", device="cpu",
+               device_map=None):
+    """Load a causal LM in eval mode (safetensors only). Raises UserError on any bad input.
+
+    device_map ("auto", ...): accelerate places the layers over the GPUs, then the CPU, and
+    `device` is ignored; for a model larger than one GPU.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if device_map is not None:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise UserError(f"model.device_map: {device_map!r} needs the accelerate package "
+                            "(pip install accelerate)") from None
+
+    path = resolve_source(source, revision)
+    if not any(path.glob("*.safetensors")):
+        raise UserError(f"model directory {path} has no *.safetensors weights (only safetensors are loaded)")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(
+                f"model at {path} needs remote code; set model.trust_remote_code: true only if you trust it"
+            ) from None
+        raise UserError(f"model at {path}: cannot read config.json: {e}") from None
+    except Exception as e:
+        raise UserError(f"model at {path}: cannot read config.json: {e}") from None
+    config.output_router_logits = False
+    from romer.moe.adapters import SUPPORTED
+
+    known = {t for types in SUPPORTED.values() for t in types}
+    if config.model_type not in known:  # refuse before reading gigabytes of weights
+        supported = ", ".join(f"{f} (model_type {'/'.join(t)})" for f, t in SUPPORTED.items())
+        raise UserError(f"model at {path}: unsupported model family {config.model_type!r}. "
+                        f"Supported families: {supported}")
+    kwargs = dict(config=config, trust_remote_code=trust_remote_code, use_safetensors=True,
+                  dtype=DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
+    if not trust_remote_code:
+        kwargs["experts_implementation"] = pick_experts_implementation(device)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as e:
+        raise UserError(f"model at {path}: cannot load weights ({type(e).__name__}: {str(e)[:300]})") from None
+    if device_map is not None:
+        return model.eval()  # accelerate has placed (and hooked) every layer
+    return model.to(resolve_device(device)).eval()
+
+
+def input_device(model) -> torch.device:
+    """Where input ids go: the device of the token embedding (the first layer under a device_map)."""
+    return model.get_input_embeddings().weight.device
+
+
+def pick_experts_implementation(device) -> str:
+    """grouped_mm is the fastest experts kernel on CPU and GPU (DESIGN, performance anchors)."""
+    return "grouped_mm"
+
+
+def resolve_device(device="auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("model.device is 'cuda' but no CUDA device is available")
+    return device
+
+
+def load_tokenizer(source="builtin", revision=None, trust_remote_code=False):
+    from transformers import AutoTokenizer
+
+    path = resolve_source(source, revision)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UserError(f"model at {path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+
+
+def fetch_external(model_params, out_dir=BUILTIN_DIR):
+    """Write models/model/source.json for a local or hub source, after checking it loads."""
+    source = model_params.source
+    if Path(source).is_dir():
+        ref = {"kind": "local", "path": source}
+    else:
+        if model_params.revision is None:
+            raise UserError(
+                f"params key 'model.revision': pin a revision (commit hash or tag) for hub model '{source}' "
+                f"so the run is reproducible"
+            )
+        path = resolve_source(source, model_params.revision)
+        ref = {"kind": "hub", "id": source, "revision": model_params.revision, "commit": path.name}
+    # Validate now (structure only: meta device, no weights read) so later stages fail less.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from romer.moe.adapters import get_adapter
+
+    cfg = AutoConfig.from_pretrained(resolve_source(source, model_params.revision),
+                                     trust_remote_code=model_params.trust_remote_code)
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(cfg, trust_remote_code=model_params.trust_remote_code)
+    get_adapter(m)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        (tmp / "source.json").write_text(json.dumps(ref, indent=2) + "\n")
+    return ref

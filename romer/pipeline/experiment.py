@@ -1,0 +1,143 @@
+"""One loaded model on simulated CIM hardware: the state every ROMER stage works on.
+
+`Experiment` loads the model, its adapter and the noise model once, keeps the clean weights on the
+CPU (inside AnalogWeights), and puts the model into a state in place: clean, noisy (seed), with a
+replacement plan, or both. It also builds the routing plan (replacement routing, calibration maps)
+for each evaluation method. Nothing is deep-copied.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from romer.moe.adapters import analog_tensors, get_adapter
+from romer.methods.calibration import calibrate_maps, collect_logits, compose, make_transform, percentiles
+from romer.cim.mapping import AnalogWeights
+from romer.data.text import calib_windows, eval_windows, load_text, tokenize
+from romer.moe.models import input_device, load_model, load_tokenizer, resolve_device
+from romer.cim.noise_models import NoiseModel
+from romer.methods.replacement import pairs_by_layer, routing_fns, weight_edit
+
+from romer.core.paths import MODEL_DIR, NOISE_MODEL
+
+
+class Experiment:
+    def __init__(self, params, model_dir=MODEL_DIR, noise_model_path=NOISE_MODEL, noise_model=None):
+        self.params = params
+        m = params.model
+        self.device = None if m.device_map else resolve_device(m.device)
+        self.model = load_model(model_dir, trust_remote_code=m.trust_remote_code, dtype=m.dtype,
+                                device=self.device or "cpu", device_map=m.device_map)
+        if m.device_map:  # inputs go where the embedding is
+            self.device = input_device(self.model)
+        self.model.config.output_router_logits = False
+        self.model.requires_grad_(False)  # inference only: weights are edited in place
+        self.tokenizer = load_tokenizer(model_dir, trust_remote_code=params.model.trust_remote_code)
+        self.adapter = get_adapter(self.model)
+        self.blocks = self.adapter.blocks(self.model)
+        self.num_experts = self.adapter.num_experts(self.blocks[0])
+        self.top_k = self.adapter.top_k(self.blocks[0])
+        self.layers = [b.layer for b in self.blocks]
+        if noise_model is None:
+            noise_model = NoiseModel.from_json(json.loads(Path(noise_model_path).read_text()))
+        self.noise_model = noise_model
+        self.analog_kinds = list(params.cim.analog)
+        # Routed experts and routers are always held (replacement reprograms them even when digital).
+        kinds = sorted(set(self.analog_kinds) | {"routed_experts", "router"})
+        tensors = analog_tensors(self.model, self.adapter, kinds)
+        self.weights = AnalogWeights(tensors, noise_model, tile_rows=params.cim.tile_rows, levels=params.cim.levels)
+        self._expert_tensors = [(n, t) for n, k, t in tensors if k == "routed_experts"]
+        self.sentinel_ok = not params.model.trust_remote_code
+        self._state_key = None  # what the weights hold now (see set_state)
+
+    # ---- data ------------------------------------------------------------------------------
+    def windows(self, dataset, seq_len, n_seqs=None, max_tokens=None, key="eval"):
+        ids = tokenize(self.tokenizer, load_text(dataset, self.params.builtin, key=f"{key}.dataset"))
+        if n_seqs is not None:
+            return calib_windows(ids, n_seqs, seq_len, key=key)
+        return eval_windows(ids, seq_len, max_tokens, key=key)
+
+    def calib_windows(self):
+        c = self.params.calib
+        return self.windows(c.dataset, c.seq_len, n_seqs=c.n_seqs, key="calib")
+
+    # ---- weight states ---------------------------------------------------------------------
+    def set_state(self, seed=None, plan=None, scale=None, t_inference_s=None, kinds=None, digital=None):
+        """Clean (seed None) or noisy weights, optionally with a replacement plan programmed in.
+
+        kinds: the analog kinds that get noise (default cim.analog). digital: {layer: [experts]}
+        kept digital (clean), for the heterogeneous analog-digital baseline.
+        """
+        n = self.params.noise
+        edit = weight_edit(plan, self.weights.clean) if plan and plan["replaced"] else None
+        scale = n.scale if scale is None else scale
+        t_inference_s = n.t_inference_s if t_inference_s is None else t_inference_s
+        kinds = self.analog_kinds if kinds is None else kinds
+        # The weights are a pure function of this key, so an unchanged key needs no new noise pass.
+        key = json.dumps([seed, plan["layers"] if edit else None, plan["strategy"] if edit else None, scale,
+                          t_inference_s, n.drift_compensation, sorted(kinds), digital], sort_keys=True, default=str)
+        if key == self._state_key:
+            return
+        self._state_key = key
+        if seed is None and edit is None:
+            self.weights.restore()
+            return
+        self.weights.apply(
+            seed=0 if seed is None else seed,
+            scale=scale,
+            t_inference_s=t_inference_s,
+            drift_compensation=n.drift_compensation,
+            edit=edit,
+            kinds=[] if seed is None else kinds,
+        )
+        if digital:
+            self._keep_digital(digital)
+
+    @torch.no_grad()
+    def _keep_digital(self, digital):
+        """Put the clean weights back into the given experts (fused [E, out, in] tensors)."""
+        for name, t in self._expert_tensors:
+            layer = int(name.split(".")[1])
+            for e in digital.get(layer, []):
+                if t.dim() == 3:
+                    t[e].copy_(self.weights.clean(name)[e])
+                elif f".experts.{e}." in name:
+                    t.copy_(self.weights.clean(name))
+
+    def restore(self):
+        self.weights.restore()
+        self._state_key = None
+
+    # ---- routing plans ---------------------------------------------------------------------
+    def replacement_fns(self, plan) -> dict:
+        if not plan or not plan["replaced"]:
+            return {}
+        return {layer: routing_fns(pairs, plan["strategy"], self.num_experts, self.sentinel_ok)
+                for layer, pairs in pairs_by_layer(plan).items()}
+
+    def routing_plan(self, plan=None, maps=None) -> dict:
+        fns = self.replacement_fns(plan)
+        out = {}
+        for layer in self.layers:
+            mask, post = fns.get(layer, (None, None))
+            tr = make_transform(*maps[layer]) if maps and layer in maps else None
+            if tr or mask or post:
+                out[layer] = compose(tr, mask, post)
+        return out
+
+    def logit_percentiles(self, windows, plan=None) -> dict:
+        """{layer: [E, 2]} router-logit percentiles in the current weight state."""
+        c = self.params.calib
+        got = collect_logits(self.model, self.adapter, windows, c.batch_size, self.device,
+                             self.routing_plan(plan))
+        return {layer: percentiles(got[layer], *self.params.calibrate.percentiles) for layer in self.layers}
+
+    def calibrate(self, windows, clean_pct, plan=None, instances=(None,)) -> dict:
+        """Affine logit maps for the current noisy state (per_chip) or pooled over `instances`."""
+        c, cal = self.params.calib, self.params.calibrate
+        return calibrate_maps(self.model, self.adapter, windows, c.batch_size, self.device, clean_pct,
+                              cal.percentiles, layerwise=cal.layerwise,
+                              replacement_fns=self.replacement_fns(plan), instances=instances)

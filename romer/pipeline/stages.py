@@ -1,0 +1,323 @@
+"""The logic of the profile, replace, percentiles and evaluate stages (the stage scripts are thin).
+
+Paths of the stage outputs are module constants so the stages, tests and docs agree on them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from romer.evaluation.measure import mean_ci, paired_reduction, perplexity, routing_report
+from romer.core.io import read_json, write_json
+from romer.methods.replacement import make_plan, pairs_by_layer
+from romer.moe.routing import Recorder
+
+from romer.core.paths import EVAL_JSON, PERCENTILES_JSON, PLAN_JSON, PLOTS, PROFILE_JSON
+METHODS = ("noisy", "replace_only", "calibrate_only", "romer")
+
+
+def _record_routing(exp, windows, plan=None):
+    rec = Recorder(indices=True)
+    perplexity(exp.model, exp.adapter, windows, exp.params.calib.batch_size, exp.device,
+               exp.routing_plan(plan), rec)
+    return rec
+
+
+# ---- profile ------------------------------------------------------------------------------------
+def run_profile(params, exp=None) -> dict:
+    from romer.pipeline.experiment import Experiment
+    from romer.reporting.plots import plot_profile
+
+    exp = exp or Experiment(params)
+    out = profile_routing(exp, exp.calib_windows())
+    write_json(PROFILE_JSON, out)
+    plot_profile(out, PLOTS)
+    return out
+
+
+def profile_routing(exp, windows) -> dict:
+    """Routing of the clean model and of each calib.seeds noise instance on the calibration windows."""
+    params = exp.params
+    tau = params.replace.tau
+    exp.set_state(None)
+    clean = _record_routing(exp, windows)
+    out = {"tokens": int(windows.numel()), "num_experts": exp.num_experts, "top_k": exp.top_k,
+           "tau": tau, "seeds": list(params.calib.seeds),
+           "clean": routing_report(clean, exp.num_experts, tau), "noisy": {}}
+    loads = []
+    for seed in tqdm(params.calib.seeds, desc="profile: noisy instances"):
+        exp.set_state(seed)
+        rec = _record_routing(exp, windows)
+        rep = routing_report(rec, exp.num_experts, tau, clean=clean)
+        out["noisy"][str(seed)] = rep
+        loads.append({k: torch.tensor(v["load"]) for k, v in rep["layers"].items()})
+    exp.restore()
+    out["noisy_load"] = {k: torch.stack([d[k] for d in loads]).mean(0).tolist() for k in loads[0]}
+    keys = out["clean"]["mean"].keys()
+    out["noisy_mean"] = {k: sum(out["noisy"][str(s)]["mean"][k] for s in params.calib.seeds) / len(loads)
+                         for k in list(keys) + ["routing_agreement", "kl_clean_noisy"]}
+    return out
+
+
+# ---- replace ------------------------------------------------------------------------------------
+def run_replace(params) -> dict:
+    """The expected plan (from the load averaged over the calib.seeds instances), the plan each of
+    those instances would make for itself, and the per-chip budget (mean fraction of experts
+    replaced), which sizes the heterogeneous baseline."""
+    profile = read_json(PROFILE_JSON)
+    r = params.replace
+    plan = make_plan(profile["noisy_load"], r.tau, r.max_per_layer, r.strategy)
+    per_chip = {seed: plan_from_report(rep, r) for seed, rep in profile["noisy"].items()}
+    n_slots = len(profile["noisy_load"]) * profile["num_experts"]
+    plan["per_chip_replaced"] = {seed: p["replaced"] for seed, p in per_chip.items()}
+    plan["budget_fraction"] = sum(plan["per_chip_replaced"].values()) / len(per_chip) / n_slots
+    plan["per_chip_plans"] = {seed: p["layers"] for seed, p in per_chip.items()}
+    write_json(PLAN_JSON, plan)
+    return plan
+
+
+# ---- percentiles --------------------------------------------------------------------------------
+def _pct_to_json(p):
+    return {str(k): v.tolist() for k, v in p.items()}
+
+
+def _maps_to_json(m):
+    return {str(k): {"a": a.tolist(), "b": b.tolist()} for k, (a, b) in m.items()}
+
+
+def maps_from_json(d):
+    return {int(k): (torch.tensor(v["a"], dtype=torch.float64), torch.tensor(v["b"], dtype=torch.float64))
+            for k, v in d.items()}
+
+
+def pct_from_json(d):
+    return {int(k): torch.tensor(v, dtype=torch.float64) for k, v in d.items()}
+
+
+def run_percentiles(params, exp=None) -> dict:
+    """Clean percentiles (without and with the replacement plan) and the `expected` maps pooled over
+    the calib.seeds instances. Per-chip maps depend on the evaluated instance, so `evaluate` makes them."""
+    from romer.pipeline.experiment import Experiment
+
+    exp = exp or Experiment(params)
+    out = compute_percentiles(exp, read_json(PLAN_JSON), exp.calib_windows())
+    write_json(PERCENTILES_JSON, out)
+    return out
+
+
+def clean_replaced(clean_pct: dict, plan) -> dict:
+    """Clean percentile targets of a replaced model: a copy_router replica's logits follow its
+    source's router row, so its target is the source's; split/average replicas are masked anyway."""
+    out = {k: v.clone() for k, v in clean_pct.items()}
+    if plan and plan["strategy"] == "copy_router":
+        for layer, pairs in pairs_by_layer(plan).items():
+            for slot, src in pairs:
+                out[layer][slot] = clean_pct[layer][src]
+    return out
+
+
+def clean_percentiles(exp, windows) -> dict:
+    """Clean router-logit percentiles {layer: [E, 2]} on the calibration windows."""
+    exp.set_state(None)
+    clean = exp.logit_percentiles(windows)
+    exp.restore()
+    return clean
+
+
+def compute_percentiles(exp, plan, windows) -> dict:
+    params = exp.params
+    clean = clean_percentiles(exp, windows)
+
+    def instances(with_plan):
+        return [lambda s=s: exp.set_state(s, with_plan) for s in params.calib.seeds]
+
+    expected = {"calibrate_only": exp.calibrate(windows, clean, None, instances(None)),
+                "romer": exp.calibrate(windows, clean_replaced(clean, plan), plan, instances(plan))}
+    exp.restore()
+    out = {"percentiles": list(params.calibrate.percentiles), "layerwise": params.calibrate.layerwise,
+           "seeds": list(params.calib.seeds), "clean": _pct_to_json(clean),
+           "expected": {k: _maps_to_json(v) for k, v in expected.items()}}
+    return out
+
+
+# ---- evaluate -----------------------------------------------------------------------------------
+def method_specs(modes=("per_chip",), hetero=None, analog=()):
+    """{method name: spec}. A spec says which replacement plan is programmed in (None; "chip": made
+    from this noise instance's own routing profile on calibration data; "expected": the replace
+    stage's plan from other instances), which calibration runs (None, per_chip or expected), and for
+    the heterogeneous baseline which analog kinds get noise and which experts stay digital."""
+    plan_of = {"per_chip": "chip", "expected": "expected"}
+    # Ordered so that methods sharing a weight state run back to back (one noise pass per state).
+    specs = {"noisy": dict(plan=None, cal=None)}
+    for mode in modes:
+        specs["calibrate_only" if mode == modes[0] else f"calibrate_only_{mode}"] = dict(plan=None, cal=mode)
+    specs["replace_only"] = dict(plan=plan_of[modes[0]], cal=None)
+    for mode in modes:
+        specs["romer" if mode == modes[0] else f"romer_{mode}"] = dict(plan=plan_of[mode], cal=mode)
+    no_attn = [k for k in analog if k != "attention"]
+    for name, digital in (hetero or {}).items():
+        specs[name] = dict(plan=None, cal=None, kinds=no_attn, digital=digital)
+        if name == "hetero_digital":
+            specs["hetero_digital_romer"] = dict(plan=plan_of[modes[0]], cal=modes[0], kinds=no_attn,
+                                                 digital=digital)
+    return specs
+
+
+def plan_from_report(rep: dict, r) -> dict:
+    """Replacement plan (ReplaceParams r) from one routing report's per-layer expert load."""
+    return make_plan({k: v["load"] for k, v in rep["layers"].items()}, r.tau, r.max_per_layer, r.strategy)
+
+
+def chip_plan(exp, seed, calib_w) -> dict:
+    """Replacement plan of one chip: its own expert load on the calibration data under its noise."""
+    exp.set_state(seed)
+    return plan_from_report(routing_report(_record_routing(exp, calib_w), exp.num_experts, exp.params.replace.tau),
+                            exp.params.replace)
+
+
+def evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, specs=None, modes=("per_chip",), bar=None):
+    """PPL and routing report of each method on one noise instance. Raises on any failure.
+
+    plan: the replace stage's (expected) plan; the per-chip plan is made here when a method needs it.
+    bar: a tqdm bar over (seed, method) pairs, advanced after each method with its tokens/s.
+    """
+    p = exp.params
+    specs = specs or method_specs(modes, analog=exp.analog_kinds)
+    clean_pct = pct_from_json(pct["clean"])
+    plans = {None: None, "expected": plan}
+    if any(sp["plan"] == "chip" for sp in specs.values()):
+        plans["chip"] = chip_plan(exp, seed, calib_w)
+    res = {}
+    for name, sp in specs.items():
+        state_plan = plans[sp["plan"]]
+        digital = sp.get("digital")
+        if digital and state_plan:  # a replaced slot holds a copy, so it cannot also stay digital
+            slots = pairs_by_layer(state_plan)
+            digital = {l: [e for e in ex if e not in {s for s, _ in slots.get(l, [])}] for l, ex in digital.items()}
+        exp.set_state(seed, state_plan, kinds=sp.get("kinds"), digital=digital)
+        maps = None
+        if sp["cal"] == "per_chip":
+            target = clean_replaced(clean_pct, state_plan) if state_plan else clean_pct
+            maps = exp.calibrate(calib_w, target, state_plan)
+        elif sp["cal"] == "expected":
+            maps = maps_from_json(pct["expected"]["romer" if sp["plan"] else "calibrate_only"])
+        rec = Recorder(indices=True)
+        t0 = time.perf_counter()
+        ppl = perplexity(exp.model, exp.adapter, eval_w, p.eval.batch_size, exp.device,
+                         exp.routing_plan(state_plan, maps), rec)
+        if bar is not None:
+            bar.set_postfix(seed=seed, method=name, ppl=f"{ppl:.2f}",
+                            tok_s=f"{eval_w.numel() / (time.perf_counter() - t0):.0f}", refresh=False)
+            bar.update(1)
+        res[name] = {"ppl": ppl, "replaced": state_plan["replaced"] if state_plan else 0,
+                     "state": (state_plan, maps),  # reused by the zero-shot tasks
+                     "routing": routing_report(rec, exp.num_experts, p.replace.tau, clean_rec,
+                                               pairs_by_layer(state_plan) if state_plan else None)}
+    return res
+
+
+def hetero_budgets(exp, plan, fractions) -> dict:
+    """Digital expert sets of the heterogeneous baseline: at ROMER's budget (the mean fraction of
+    experts it rewrites per chip) and at each fixed fraction of experts per layer."""
+    from romer.methods.hetero import sensitive_experts
+
+    exp.set_state(None)
+    out = {}
+    if plan.get("budget_fraction", 0) > 0:
+        out["hetero_digital"] = sensitive_experts(exp.adapter, exp.model, plan["budget_fraction"])
+    for f in fractions:
+        out[f"hetero_digital_{100 * f:g}pct".replace(".", "p")] = sensitive_experts(exp.adapter, exp.model, f)
+    return out
+
+
+def run_evaluate(params, exp=None, log_mlflow=True) -> dict:
+    from romer.pipeline.experiment import Experiment
+    from romer.reporting.plots import plot_eval
+
+    t0 = time.time()
+    e = params.eval
+    if e.tasks:
+        from romer.evaluation.tasks import check_task_names
+
+        check_task_names(e.tasks)  # fail before any model work
+    exp = exp or Experiment(params)
+    eval_w = exp.windows(e.dataset, e.seq_len, max_tokens=e.max_tokens, key="eval")
+    calib_w = exp.calib_windows()
+    plan = read_json(PLAN_JSON)
+    pct = read_json(PERCENTILES_JSON)
+    if pct["percentiles"] != list(params.calibrate.percentiles):
+        raise RuntimeError(f"{PERCENTILES_JSON} was made with other percentiles; rerun the percentiles stage")
+    mode = params.calibrate.mode
+    modes = (mode, "expected" if mode == "per_chip" else "per_chip")
+
+    exp.set_state(None)
+    clean_rec = Recorder(indices=True)
+    clean_ppl = perplexity(exp.model, exp.adapter, eval_w, e.batch_size, exp.device, None, clean_rec,
+                           desc="evaluate: clean")
+    clean_routing = routing_report(clean_rec, exp.num_experts, params.replace.tau)
+    specs = method_specs(modes, hetero_budgets(exp, plan, e.hetero_fractions), exp.analog_kinds)
+    per_seed = {}
+    with tqdm(total=len(e.seeds) * len(specs), desc="evaluate: seeds x methods", unit="method") as bar:
+        for seed in e.seeds:
+            per_seed[seed] = evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, specs, bar=bar)
+    exp.restore()
+
+    names = list(per_seed[e.seeds[0]].keys())
+    ppl = {"clean": clean_ppl}
+    for n in names:
+        ppl[n] = mean_ci([per_seed[s][n]["ppl"] for s in e.seeds])
+    red, red_ci = paired_reduction(ppl["noisy"]["per_seed"], ppl["romer"]["per_seed"])
+
+    def lb(reports):
+        keys = ("cv", "maxvio", "entropy", "underactivated_frac", "routing_agreement", "kl_clean_noisy")
+        return {k: sum(r["mean"][k] for r in reports) / len(reports) for k in keys if k in reports[0]["mean"]}
+
+    load_balance = {"clean": {**lb([clean_routing]), "routing_agreement": 1.0, "kl_clean_noisy": 0.0}}
+    cv_per_layer = {"clean": {k: v["cv"] for k, v in clean_routing["layers"].items()}}
+    for n in names:
+        reps = [per_seed[s][n]["routing"] for s in e.seeds]
+        load_balance[n] = lb(reps)
+        cv_per_layer[n] = {k: sum(r["layers"][k]["cv"] for r in reps) / len(reps) for k in reps[0]["layers"]}
+
+    out = {
+        "model": params.model.source,
+        "dataset": e.dataset,
+        "tokens": int(eval_w.numel()),
+        "seq_len": e.seq_len,
+        "seeds": list(e.seeds),
+        "noise": {"source": params.noise.source, "scale": params.noise.scale,
+                  "t_inference_s": params.noise.t_inference_s, "analog": list(params.cim.analog)},
+        "method": {"tau": params.replace.tau, "strategy": params.replace.strategy,
+                   "replaced_experts_expected_plan": plan["replaced"],
+                   "replaced_experts_per_chip": mean_ci([per_seed[s]["romer"]["replaced"] for s in e.seeds])["mean"]
+                   if mode == "per_chip" else plan["replaced"],
+                   "budget_fraction": plan.get("budget_fraction", 0.0), "percentiles": list(params.calibrate.percentiles),
+                   "mode": mode, "layerwise": params.calibrate.layerwise},
+        "ppl": ppl,
+        "ppl_reduction_pct": red,
+        "ppl_reduction_ci95": red_ci,
+        "load_balance": load_balance,
+        "cv_per_layer": cv_per_layer,
+        "tasks": {},
+    }
+    if e.tasks:
+        from romer.evaluation.tasks import evaluate_tasks
+
+        out["tasks"] = evaluate_tasks(exp, e.tasks, {s: per_seed[s]["romer"]["state"] for s in e.seeds},
+                                      limit=e.task_limit)
+    exp.restore()
+    # Wall time goes to the log and MLflow, not eval.json, which must be identical across reruns.
+    wall = time.time() - t0
+    print(f"evaluate: {len(e.seeds)} seeds x {len(names)} methods in {wall:.0f} s")
+    write_json(EVAL_JSON, out)
+    plot_eval(out, PLOTS)
+    if log_mlflow:
+        from romer.reporting.tracking import log_run
+
+        log_run(params, out, extra_metrics={"wall_time_s": wall})
+    return out
