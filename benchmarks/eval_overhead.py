@@ -157,7 +157,7 @@ def main(argv=None):
         "transformers": __import__("transformers").__version__,
         "tokens_per_pass": n_tokens,
         "weight_bytes": weight_bytes,
-        "analog_params": sum(t.numel() for _, _, t in analog_tensors(model, adapter, ANALOG_KINDS)),
+        "analog_params": sum(r.tensor.numel() for r in analog_tensors(model, adapter, ANALOG_KINDS)),
         "forward_tokens_per_s": n_tokens / t_plain,
         "eval_tokens_per_s": n_tokens / t_eval,
         "eval_vs_forward_ratio": t_plain / t_eval,

@@ -101,10 +101,10 @@ def test_analog_kinds_partition(name):
     a = get_adapter(model)
     names = {}
     for kind in ("routed_experts", "shared_experts", "attention", "router", "dense_mlp"):
-        for n, k, t in analog_tensors(model, a, [kind]):
-            assert k == kind and t.dim() >= 2
-            assert n not in names
-            names[n] = t
+        for r in analog_tensors(model, a, [kind]):
+            assert r.kind == kind and r.tensor.dim() >= 2 and r.layer is not None and r.part
+            assert r.name not in names
+            names[r.name] = r.tensor
     ptrs = {t.data_ptr() for t in names.values()}
     emb = model.model.embed_tokens.weight.data_ptr()
     assert emb not in ptrs and model.lm_head.weight.data_ptr() not in ptrs
@@ -115,11 +115,11 @@ def test_expert_tensors_are_writable_views(name):
     model = make(name)
     a = get_adapter(model)
     b = a.blocks(model)[0]
-    src = [t.clone() for t in a.expert_tensors(b, 1)]
-    for dst, s in zip(a.expert_tensors(b, 0), src):
+    src = [t.clone() for _, t in a.expert_tensors(b, 1)]
+    for (_, dst), s in zip(a.expert_tensors(b, 0), src):
         dst.copy_(s)
-    for t0, t1 in zip(a.expert_tensors(b, 0), a.expert_tensors(b, 1)):
-        assert torch.equal(t0, t1)
+    for (p0, t0), (p1, t1) in zip(a.expert_tensors(b, 0), a.expert_tensors(b, 1)):
+        assert p0 == p1 and torch.equal(t0, t1)
 
 
 def test_dense_model_refused():

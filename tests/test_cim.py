@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from romer.cim.mapping import AnalogWeights, tensor_seed
+from romer.core.records import AnalogTensor as AT
 from romer.cim.noise_models import NoiseModel, gaussian, pcm_joshi2020
 
 PCM = pcm_joshi2020()
@@ -34,7 +35,7 @@ def test_same_seed_bit_identical_different_seed_differs():
     torch.manual_seed(0)
     a = torch.randn(16, 64, 48)
     b = torch.randn(40, 48, dtype=torch.bfloat16)
-    aw = AnalogWeights([("e", "routed_experts", a), ("l", "attention", b)], PCM, tile_rows=16, levels=64)
+    aw = AnalogWeights([AT("e", "routed_experts", a), AT("l", "attention", b)], PCM, tile_rows=16, levels=64)
     aw.apply(3)
     a1, b1 = a.clone(), b.clone()
     aw.apply(3)
@@ -50,11 +51,11 @@ def test_same_seed_bit_identical_different_seed_differs():
 def test_noise_of_a_tensor_does_not_depend_on_the_others():
     torch.manual_seed(1)
     a, b = torch.randn(32, 32), torch.randn(32, 32)
-    AnalogWeights([("a", "attention", a)], PCM).apply(7)
+    AnalogWeights([AT("a", "attention", a)], PCM).apply(7)
     only_a = a.clone()
     torch.manual_seed(1)
     a, b = torch.randn(32, 32), torch.randn(32, 32)
-    AnalogWeights([("b", "router", b), ("a", "attention", a)], PCM).apply(7)
+    AnalogWeights([AT("b", "router", b), AT("a", "attention", a)], PCM).apply(7)
     assert torch.equal(a, only_a)
 
 
@@ -63,7 +64,7 @@ def test_untouched_tensors_and_kinds_filter():
     net = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.Linear(32, 8))
     before = {k: v.clone() for k, v in net.state_dict().items()}
     x = torch.randn(48, 24)
-    aw = AnalogWeights([("0", "attention", net[0].weight), ("x", "router", x)], gaussian(0.1))
+    aw = AnalogWeights([AT("0", "attention", net[0].weight), AT("x", "router", x)], gaussian(0.1))
     x0 = x.clone()
     aw.apply(0)
     assert not torch.equal(net[0].weight, before["0.weight"]) and not torch.equal(x, x0)
@@ -80,7 +81,7 @@ def test_untouched_tensors_and_kinds_filter():
 @pytest.mark.parametrize("shape3d", [False, True])
 def test_programming_noise_std_matches_model(shape3d):
     w = probe_tensor(shape3d=shape3d)
-    aw = AnalogWeights([("w", "routed_experts", w)], PROG_ONLY)
+    aw = AnalogWeights([AT("w", "routed_experts", w)], PROG_ONLY)
     aw.apply(11)
     d = (w - aw.clean("w")).reshape(-1, w.shape[-1])
     off = halfnormal_var(float(PROG_ONLY.prog_sigma(torch.tensor(0.0))))
@@ -96,7 +97,7 @@ def test_programming_plus_read_noise_std_matches_model():
     nm = NoiseModel(name="pr", kind="json", g_max=25.0, prog_coeffs=[0.3, 0.5], clip_at_zero=False,
                     read=read, t0=1.0)
     w = probe_tensor()
-    AnalogWeights([("w", "attention", w)], nm).apply(5, scale=2.0, t_inference_s=10.0)
+    AnalogWeights([AT("w", "attention", w)], nm).apply(5, scale=2.0, t_inference_s=10.0)
     d = w - probe_tensor()
     for j, x in enumerate(LEVELS):
         g = torch.tensor(x * 25.0)
@@ -112,7 +113,7 @@ def test_gaussian_fraction_is_std_over_row_wmax_per_tile():
     w[:, :, :8] *= 10.0  # tile 0 has a 10x larger abs-max than tile 1
     w[1] *= 0.01  # expert 1 is 100x smaller
     clean = w.clone()
-    AnalogWeights([("e", "routed_experts", w)], gaussian(0.05), tile_rows=8).apply(0)
+    AnalogWeights([AT("e", "routed_experts", w)], gaussian(0.05), tile_rows=8).apply(0)
     d = w - clean
     for e in range(4):
         for sl in (slice(0, 8), slice(8, 16)):
@@ -121,7 +122,7 @@ def test_gaussian_fraction_is_std_over_row_wmax_per_tile():
             assert abs(ratio / 0.05 - 1) < 0.05, (e, sl, ratio)
     # without tiles, the row abs-max (from tile 0) sets the noise of tile 1 too
     w2 = clean.clone()
-    AnalogWeights([("e", "routed_experts", w2)], gaussian(0.05)).apply(0)
+    AnalogWeights([AT("e", "routed_experts", w2)], gaussian(0.05)).apply(0)
     rowmax = clean.abs().amax(-1, keepdim=True)
     assert abs(float(((w2 - clean) / rowmax)[..., 8:].std()) / 0.05 - 1) < 0.05
 
@@ -131,7 +132,7 @@ def test_quantisation_levels_and_zero_rows():
     w = torch.randn(64, 40)
     w[3] = 0.0
     clean = w.clone()
-    AnalogWeights([("w", "attention", w)], gaussian(0.0), levels=3).apply(0)
+    AnalogWeights([AT("w", "attention", w)], gaussian(0.0), levels=3).apply(0)
     q = w / clean.abs().amax(-1, keepdim=True).clamp_min(1e-30)
     allowed = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0])
     assert torch.allclose(q[torch.arange(64) != 3].unsqueeze(-1).sub(allowed).abs().amin(-1),
@@ -142,7 +143,7 @@ def test_quantisation_levels_and_zero_rows():
 def test_drift_mean_and_global_compensation():
     w = probe_tensor(4000)
     clean = w.clone()
-    aw = AnalogWeights([("w", "routed_experts", w)], PCM)
+    aw = AnalogWeights([AT("w", "routed_experts", w)], PCM)
     t = 3600.0
     aw.apply(0, scale=0.0, t_inference_s=t, drift_compensation=False)  # mean drift only
     mean_nu, _ = PCM.drift_nu(torch.tensor(LEVELS) * 25.0)
@@ -159,10 +160,10 @@ def test_drift_mean_and_global_compensation():
 def test_edit_replaces_a_slot_with_a_fresh_draw():
     torch.manual_seed(5)
     e = torch.randn(4, 32, 16)
-    aw = AnalogWeights([("experts", "routed_experts", e)], gaussian(0.05))
+    aw = AnalogWeights([AT("experts", "routed_experts", e)], gaussian(0.05))
 
-    def edit(name, kind, t):
-        t[2].copy_(aw.clean(name)[0])
+    def edit(rec):
+        rec.tensor[2].copy_(aw.clean(rec.name)[0])
 
     aw.apply(9, scale=0.0, edit=edit)
     assert torch.allclose(e[2], aw.clean("experts")[0], atol=1e-6)
@@ -182,19 +183,19 @@ def test_blocks_of_matrices_and_non_contiguous_tensors(monkeypatch):
     monkeypatch.setattr(cim, "CHUNK_ELEMENTS", 1000)  # one [20, 30] matrix per block
     torch.manual_seed(6)
     e = torch.randn(8, 20, 30)
-    aw = AnalogWeights([("e", "routed_experts", e)], PCM, tile_rows=7)
+    aw = AnalogWeights([AT("e", "routed_experts", e)], PCM, tile_rows=7)
     aw.apply(1, t_inference_s=1e4)
     e1 = e.clone()
     aw.apply(1, t_inference_s=1e4)
     assert torch.equal(e, e1) and not torch.equal(e, aw.clean("e"))
     w = torch.randn(3000, 12).t()  # [12, 3000], not contiguous: written back through a copy
     clean = w.clone()
-    AnalogWeights([("t", "attention", w)], gaussian(0.05)).apply(2)
+    AnalogWeights([AT("t", "attention", w)], gaussian(0.05)).apply(2)
     assert not w.is_contiguous()
     assert abs(float(((w - clean) / clean.abs().amax(-1, keepdim=True)).std()) / 0.05 - 1) < 0.05
     f = torch.randn(40, 30, 20).transpose(1, 2)  # fused, not contiguous, in blocks
     clean = f.clone()
-    aw = AnalogWeights([("f", "routed_experts", f)], gaussian(0.05))
+    aw = AnalogWeights([AT("f", "routed_experts", f)], gaussian(0.05))
     aw.apply(3)
     f1 = f.clone()
     assert abs(float(((f - clean) / clean.abs().amax(-1, keepdim=True)).std()) / 0.05 - 1) < 0.05
@@ -206,10 +207,10 @@ def test_blocks_of_matrices_and_non_contiguous_tensors(monkeypatch):
 
 def test_rejects_bad_inputs():
     with pytest.raises(ValueError, match="2 dims"):
-        AnalogWeights([("b", "attention", torch.zeros(4))], PCM)
+        AnalogWeights([AT("b", "attention", torch.zeros(4))], PCM)
     with pytest.raises(ValueError, match="duplicate"):
-        AnalogWeights([("a", "x", torch.zeros(2, 2)), ("a", "x", torch.zeros(2, 2))], PCM)
-    aw = AnalogWeights([("a", "x", torch.zeros(2, 2))], PCM)
+        AnalogWeights([AT("a", "x", torch.zeros(2, 2)), AT("a", "x", torch.zeros(2, 2))], PCM)
+    aw = AnalogWeights([AT("a", "x", torch.zeros(2, 2))], PCM)
     with pytest.raises(ValueError, match="scale"):
         aw.apply(0, scale=-1.0)
 
@@ -218,7 +219,7 @@ def test_rejects_bad_inputs():
 def test_cuda_pinned_copy_and_determinism():
     w = torch.randn(8, 256, 128, device="cuda", dtype=torch.bfloat16)
     clean = w.clone()
-    aw = AnalogWeights([("e", "routed_experts", w)], PCM, tile_rows=64)
+    aw = AnalogWeights([AT("e", "routed_experts", w)], PCM, tile_rows=64)
     assert aw.clean("e").is_pinned() and aw.clean("e").device.type == "cpu"
     aw.apply(1)
     w1 = w.clone()

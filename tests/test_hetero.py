@@ -20,7 +20,7 @@ def test_sensitive_experts_pick_the_largest_norms():
     a = get_adapter(model)
     b = a.blocks(model)[0]
     with torch.no_grad():
-        for t in a.expert_tensors(b, 5):
+        for _, t in a.expert_tensors(b, 5):
             t.mul_(10)  # expert 5 of layer 0 now has by far the largest neuron norm
     picks = sensitive_experts(a, model, 0.125)  # 8 experts -> 1 per layer
     assert picks[0] == [5] and len(picks[1]) == 1

@@ -8,33 +8,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from romer.moe.adapters import get_adapter
+from romer.cim.noise_models import gaussian
 from romer.core.params import Params
+from romer.pipeline.experiment import Experiment
 
 from tiny_models import build
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-class FakeExp:
-    """The parts of romer.pipeline.experiment.Experiment that run_evaluate touches before the seed loop."""
-
-    def __init__(self, params):
-        self.params, self.device = params, "cpu"
-        self.model = build("olmoe")
-        self.adapter = get_adapter(self.model)
-        self.layers = [b.layer for b in self.adapter.blocks(self.model)]
-        self.num_experts, self.analog_kinds = 8, list(params.cim.analog)
+class TinyExp(Experiment):
+    """The real Experiment on an in-memory tiny OLMoE, with random token windows (no corpus)."""
 
     def windows(self, *a, **k):
         return torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
 
-    calib_windows = windows
-
-    def set_state(self, *a, **k):
-        pass
-
-    restore = set_state
+    def calib_windows(self):
+        return self.windows()
 
 
 def test_one_failing_seed_fails_the_stage(tmp_path, monkeypatch):
@@ -56,7 +46,8 @@ def test_one_failing_seed_fails_the_stage(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pl, "evaluate_seed", fake_seed)
     with pytest.raises(RuntimeError, match="injected failure in seed 1"):
-        pl.run_evaluate(params, exp=FakeExp(params), log_mlflow=False)
+        pl.run_evaluate(params, exp=TinyExp(params, model=build("olmoe"), noise_model=gaussian(0.05)),
+                         log_mlflow=False)
     assert done == [0]  # stopped at the failure: never averaged over the seeds that happened to work
     assert not (tmp_path / pl.EVAL_JSON).exists()
 

@@ -1,5 +1,6 @@
 import torch
 
+from romer.core.records import AnalogTensor
 from romer.methods.replacement import make_plan, routing_fns, weight_edit
 
 
@@ -24,14 +25,34 @@ def test_weight_edit_copies_source_expert_and_router_row():
     experts = torch.randn(4, 6, 5)
     router = torch.randn(4, 5)
     before = experts.clone()
-    edit("layers.3.mlp.experts.gate_up_proj", "routed_experts", experts)
-    edit("layers.3.mlp.gate.weight", "router", router)
+    edit(AnalogTensor("layers.3.mlp.experts.gate_up_proj", "routed_experts", experts, layer=3, part="gate_up_proj"))
+    edit(AnalogTensor("layers.3.mlp.gate.weight", "router", router, layer=3, part="weight"))
     assert torch.equal(experts[1], before[0]) and torch.equal(experts[2:], before[2:])
     assert torch.equal(router[1], router[0])
     other = torch.randn(4, 6, 5)
     ref = other.clone()
-    edit("layers.2.mlp.experts.gate_up_proj", "routed_experts", other)  # layer without a plan
+    edit(AnalogTensor("layers.2.mlp.experts.gate_up_proj", "routed_experts", other, layer=2))  # layer without a plan
     assert torch.equal(other, ref)
+
+
+def test_weight_edit_per_expert_layout_reads_the_source_experts_clean_copy():
+    """Per-expert Linear layouts (DeepSeek-MoE remote code): the slot's tensor gets the clean tensor
+    of the same part of the source expert, found by place, not by parsing names."""
+    plan = make_plan({1: [0.5, 0.0, 0.25, 0.25]}, tau=0.25, max_per_layer=1, strategy="split")
+    src = torch.randn(6, 5)
+    asked = []
+
+    def clean_at(kind, layer, part, expert):
+        asked.append((kind, layer, part, expert))
+        return src
+
+    slot = torch.zeros(6, 5)
+    edit = weight_edit(plan, clean_at)
+    edit(AnalogTensor("x", "routed_experts", slot, layer=1, part="down_proj.weight", expert=1))
+    assert torch.equal(slot, src) and asked == [("routed_experts", 1, "down_proj.weight", 0)]
+    other = torch.zeros(6, 5)
+    edit(AnalogTensor("y", "routed_experts", other, layer=1, part="down_proj.weight", expert=2))
+    assert not other.any() and len(asked) == 1
 
 
 def test_split_and_average_routing():

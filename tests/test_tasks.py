@@ -6,11 +6,12 @@ import random
 import pytest
 import torch
 
-from romer.moe.adapters import get_adapter
-from romer.methods.calibration import calibrate_maps, collect_logits, compose, make_transform, percentiles
+from romer.cim.noise_models import gaussian
+from romer.methods.calibration import collect_logits, percentiles
 from romer.core.errors import UserError
 from romer.core.params import Params
 from romer.evaluation.tasks import LOCAL_TASKS, build_cloze, evaluate_tasks, load_tasks, write_local_task
+from romer.pipeline.experiment import Experiment
 
 WORDS = ("love death crown sword night king queen heart blood honour fair foul sweet noble gentle "
          "lord lady tongue grave heaven earth fortune duke sleep dream ghost storm").split()
@@ -60,47 +61,30 @@ def tiny_tokenizer(text):
                                    pad_token="<|endoftext|>", clean_up_tokenization_spaces=False)
 
 
-class TinyExperiment:
-    """What evaluate_tasks uses of romer.pipeline.experiment.Experiment: params, model, tokenizer, adapter,
-    set_state/restore (seeded in-place noise on routers and experts), routing_plan, calibrate."""
+def tiny_model(tokenizer):
+    from transformers import OlmoeConfig, OlmoeForCausalLM
 
-    def __init__(self, params, tokenizer):
-        from transformers import OlmoeConfig, OlmoeForCausalLM
+    torch.manual_seed(0)
+    cfg = OlmoeConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
+                      max_position_embeddings=256, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    model = OlmoeForCausalLM(cfg).eval()
+    for n, p in model.named_parameters():
+        if n.endswith("mlp.gate.weight"):
+            p.data.normal_(0, 2.0 / p.shape[1] ** 0.5)
+    return model
 
-        torch.manual_seed(0)
-        cfg = OlmoeConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=16, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
-                          max_position_embeddings=256, pad_token_id=0, bos_token_id=0, eos_token_id=0,
-                          output_router_logits=True)  # evaluate_tasks must switch it off
-        self.model = OlmoeForCausalLM(cfg).eval()
-        for n, p in self.model.named_parameters():
-            if n.endswith("mlp.gate.weight"):
-                p.data.normal_(0, 2.0 / p.shape[1] ** 0.5)
-        self.params, self.tokenizer, self.device = params, tokenizer, "cpu"
-        self.adapter = get_adapter(self.model)
-        self.layers = [b.layer for b in self.adapter.blocks(self.model)]
-        self.analog = {n: p for n, p in self.model.named_parameters() if ".mlp." in n}
-        self.clean = {n: p.detach().clone() for n, p in self.analog.items()}
+
+class RecordingExperiment(Experiment):
+    """The real Experiment on an in-memory tiny OLMoE; it records the weight states it is put in."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
         self.states = []
 
-    def set_state(self, seed=None, plan=None):
+    def set_state(self, seed=None, plan=None, **kw):
         self.states.append((seed, bool(plan)))
-        self.restore()
-        if seed is not None:
-            g = torch.Generator().manual_seed(seed)
-            for n, p in self.analog.items():
-                p.data.add_(0.3 * p.data.abs().amax(-1, keepdim=True) * torch.randn(p.shape, generator=g))
-
-    def restore(self):
-        for n, p in self.analog.items():
-            p.data.copy_(self.clean[n])
-
-    def routing_plan(self, plan=None, maps=None):
-        return {layer: compose(make_transform(*maps[layer])) for layer in self.layers if maps and layer in maps}
-
-    def calibrate(self, windows, clean_pct, plan=None, instances=(None,)):
-        return calibrate_maps(self.model, self.adapter, windows, 4, "cpu", clean_pct,
-                              self.params.calibrate.percentiles, instances=instances)
+        super().set_state(seed, plan, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +95,11 @@ def setup(tmp_path_factory):
     text = play_text()
     (corpus / "play.txt").write_text(text)
     params = Params(builtin={"corpus_dir": str(corpus), "test_frac": 0.3, "val_frac": 0.05, "split_chunks": 1},
-                    eval={"seeds": [0, 1], "batch_size": 8})
-    exp = TinyExperiment(params, tiny_tokenizer(text))
+                    eval={"seeds": [0, 1], "batch_size": 8}, noise={"scale": 1.0},
+                    cim={"analog": ["routed_experts", "router"]}, calib={"batch_size": 4})
+    tok = tiny_tokenizer(text)
+    exp = RecordingExperiment(params, model=tiny_model(tok), tokenizer=tok, noise_model=gaussian(0.3))
+    exp.model.config.output_router_logits = True  # evaluate_tasks must switch it off while lm-eval runs
     calib_w = torch.tensor(exp.tokenizer(text[:20000])["input_ids"][: 8 * 64]).view(8, 64)
     exp.set_state(None)
     got = collect_logits(exp.model, exp.adapter, calib_w, 4, "cpu")

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from romer.cim.noise_models import NoiseModel
+from romer.core.records import AnalogTensor
 
 CHUNK_ELEMENTS = 1 << 26  # weights per block: fused tensors go through in blocks of whole matrices
 
@@ -50,11 +51,11 @@ def tensor_seed(seed: int, name: str) -> int:
 class AnalogWeights:
     """A set of weight tensors that live on simulated analog arrays.
 
-    tensors: list of (name, kind, tensor). The tensors are modified in place by apply() and
-    restore(); a clean copy of each is kept on the CPU.
+    tensors: AnalogTensor records. Their tensors are modified in place by apply() and restore();
+    a clean copy of each is kept on the CPU.
     """
 
-    def __init__(self, tensors, noise_model: NoiseModel, tile_rows: Optional[int] = None,
+    def __init__(self, tensors: Iterable[AnalogTensor], noise_model: NoiseModel, tile_rows: Optional[int] = None,
                  levels: Optional[int] = None):
         if tile_rows is not None and int(tile_rows) < 1:
             raise ValueError(f"tile_rows must be >= 1, got {tile_rows}")
@@ -65,7 +66,9 @@ class AnalogWeights:
         self.levels = None if levels is None else int(levels)
         self._entries = []
         self._clean = {}
-        for name, kind, t in tensors:
+        self._where = {}  # (kind, layer, part, expert) -> name
+        for rec in tensors:
+            name, t = rec.name, rec.tensor
             if name in self._clean:
                 raise ValueError(f"duplicate analog tensor name {name!r}")
             if not torch.is_floating_point(t):
@@ -76,27 +79,34 @@ class AnalogWeights:
                 clean = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
                 clean.copy_(t.detach())
             self._clean[name] = clean
-            self._entries.append((name, kind, t))
+            self._where[(rec.kind, rec.layer, rec.part, rec.expert)] = name
+            self._entries.append(rec)
 
     # ------------------------------------------------------------------ bookkeeping
     @property
     def names(self):
-        return [n for n, _, _ in self._entries]
+        return [r.name for r in self._entries]
+
+    @property
+    def records(self) -> list[AnalogTensor]:
+        return list(self._entries)
 
     def clean(self, name: str) -> torch.Tensor:
         """The clean CPU copy of a tensor (read it, do not modify it)."""
         return self._clean[name]
 
-    clean_lookup = clean  # the name romer.pipeline.experiment / romer.methods.replacement use
+    def clean_at(self, kind: str, layer: int, part: str, expert: Optional[int] = None) -> torch.Tensor:
+        """The clean copy of the tensor at this place (another expert's weights, for a replica)."""
+        return self._clean[self._where[(kind, layer, part, expert)]]
 
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for _, _, t in self._entries)
+        return sum(r.tensor.numel() * r.tensor.element_size() for r in self._entries)
 
     def param_counts(self) -> dict:
         """Number of analog parameters per kind."""
         out = {}
-        for _, kind, t in self._entries:
-            out[kind] = out.get(kind, 0) + t.numel()
+        for r in self._entries:
+            out[r.kind] = out.get(r.kind, 0) + r.tensor.numel()
         return out
 
     # ------------------------------------------------------------------ noise
@@ -104,7 +114,8 @@ class AnalogWeights:
     def apply(self, seed: int, scale: float = 1.0, t_inference_s: float = 25.0,
               drift_compensation: bool = True, edit: Optional[Callable] = None,
               kinds: Optional[Iterable[str]] = None):
-        """Copy the clean weights in, call edit(name, kind, tensor) if given, then add noise in place.
+        """Copy the clean weights in, call edit(record) if given (it may rewrite record.tensor in
+        place, e.g. program a replica), then add noise in place.
 
         kinds: if given, only tensors of these kinds get noise; the others stay clean (after edit).
         """
@@ -113,20 +124,21 @@ class AnalogWeights:
         if not (t_inference_s > 0 and math.isfinite(t_inference_s)):
             raise ValueError(f"t_inference_s must be finite and > 0, got {t_inference_s}")
         kinds = None if kinds is None else set(kinds)
-        for name, kind, t in self._entries:
-            t.copy_(self._clean[name], non_blocking=True)
+        for rec in self._entries:
+            t = rec.tensor
+            t.copy_(self._clean[rec.name], non_blocking=True)
             if edit is not None:
-                edit(name, kind, t)
-            if kinds is None or kind in kinds:
+                edit(rec)
+            if kinds is None or rec.kind in kinds:
                 gen = torch.Generator(device=t.device)
-                gen.manual_seed(tensor_seed(seed, name))
+                gen.manual_seed(tensor_seed(seed, rec.name))
                 self._add_noise_(t, gen, float(scale), float(t_inference_s), bool(drift_compensation))
 
     @torch.no_grad()
     def restore(self):
         """Copy the clean weights back (exact)."""
-        for name, _, t in self._entries:
-            t.copy_(self._clean[name], non_blocking=True)
+        for rec in self._entries:
+            rec.tensor.copy_(self._clean[rec.name], non_blocking=True)
 
     @contextmanager
     def noisy(self, seed: int, **kw):

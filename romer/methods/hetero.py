@@ -13,15 +13,18 @@ import math
 import torch
 
 
-def expert_max_neuron_norm(named_tensors) -> float:
-    """named_tensors: [(name, tensor)] of one expert; 'down' tensors are [H, I] (neurons = columns),
-    the others [k*I, H] (neurons = rows, k = 2 for a fused gate_up)."""
-    down = [t for n, t in named_tensors if "down" in n]
+def expert_max_neuron_norm(parts) -> float:
+    """parts: [(part, tensor)] of one expert (Adapter.expert_tensors). The down projection (part
+    `down_proj...`) is [H, I], neurons are its columns; the others are [k*I, H], neurons are rows
+    (k = 2 for a fused gate_up)."""
+    down = [t for part, t in parts if part.startswith("down")]
+    if len(down) != 1:
+        raise ValueError(f"expected one down projection among the expert's parts {[p for p, _ in parts]}")
     inter = down[0].shape[-1]
     acc = torch.zeros(inter, dtype=torch.float64)
-    for name, t in named_tensors:
+    for part, t in parts:
         t = t.detach().double().cpu()
-        if "down" in name:
+        if part.startswith("down"):
             acc += (t ** 2).sum(0)
         else:
             acc += (t ** 2).sum(-1).view(-1, inter).sum(0)
@@ -33,17 +36,11 @@ def sensitive_experts(adapter, model, fraction: float) -> dict:
     maximum neuron norm (computed on the clean weights)."""
     out = {}
     for b in adapter.blocks(model):
-        names = [n for n, _ in adapter.expert_param_tensors(b)]
         E = adapter.num_experts(b)
         k = min(E, math.ceil(fraction * E - 1e-9))
         if k <= 0:
             out[b.layer] = []
             continue
-        scores = []
-        for e in range(E):
-            tensors = adapter.expert_tensors(b, e)
-            named = list(zip(names, tensors)) if len(names) == len(tensors) else \
-                [(f"{i}.{'down' if i == len(tensors) - 1 else 'in'}", t) for i, t in enumerate(tensors)]
-            scores.append(expert_max_neuron_norm(named))
+        scores = [expert_max_neuron_norm(adapter.expert_tensors(b, e)) for e in range(E)]
         out[b.layer] = sorted(int(i) for i in torch.tensor(scores).argsort(descending=True)[:k])
     return out

@@ -15,8 +15,6 @@ Router treatments (`replace.strategy`, a choice of this project; the paper does 
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 STRATEGIES = ("copy_router", "split", "average")
@@ -52,43 +50,36 @@ def pairs_by_layer(plan) -> dict:
     return {int(k): [(p["slot"], p["source"]) for p in v] for k, v in plan["layers"].items() if v}
 
 
-_LAYER = re.compile(r"^layers\.(\d+)\.")
-_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+def weight_edit(plan, clean_at=None):
+    """An `edit(record)` for AnalogWeights.apply: reprogram each slot with its source's clean weights
+    (and, for copy_router, its router row) before the noise draw.
 
-
-def weight_edit(plan, clean_lookup=None):
-    """An `edit(name, kind, tensor)` for AnalogWeights.apply: reprogram each slot with its source's
-    clean weights (and, for copy_router, its router row) before the noise draw.
-
-    Fused expert tensors [E, out, in] are edited in place from their own clean rows. For per-expert
-    Linear layouts, `clean_lookup(name)` must return the clean tensor of another name.
+    Fused expert tensors [E, out, in] are edited in place from their own (still clean) rows. For
+    per-expert layouts, `clean_at(kind, layer, part, expert)` returns another expert's clean tensor
+    (AnalogWeights.clean_at).
     """
     pairs = pairs_by_layer(plan)
     copy_router = plan["strategy"] == "copy_router"
 
-    def edit(name, kind, tensor):
-        m = _LAYER.match(name)
-        if not m or int(m.group(1)) not in pairs:
+    def edit(rec):
+        todo = pairs.get(rec.layer)
+        if not todo:
             return
-        todo = pairs[int(m.group(1))]
-        if kind == "routed_experts":
-            if tensor.dim() == 3:
-                for slot, src in todo:
-                    tensor[slot].copy_(tensor[src])
-            else:
-                e = _EXPERT.search(name)
-                for slot, src in todo:
-                    if e and int(e.group(1)) == slot:
-                        src_name = name[: e.start()] + f".experts.{src}." + name[e.end():]
-                        tensor.copy_(clean_lookup(src_name))
-        elif kind == "router" and copy_router:
+        t = rec.tensor
+        if rec.kind == "routed_experts":
             for slot, src in todo:
-                tensor[slot].copy_(tensor[src])
+                if rec.fused:
+                    t[slot].copy_(t[src])
+                elif rec.expert == slot:
+                    t.copy_(clean_at(rec.kind, rec.layer, rec.part, src))
+        elif rec.kind == "router" and copy_router:
+            for slot, src in todo:
+                t[slot].copy_(t[src])
 
     return edit
 
 
-def routing_fns(pairs, strategy: str, num_experts: int, sentinel_ok: bool = True):
+def routing_fns(pairs, strategy: str, num_experts: int):
     """(logit_mask, post) for one layer; either may be None.
 
     logit_mask: logits -> logits with the replica slots excluded from top-k (split, average).
@@ -124,9 +115,10 @@ def routing_fns(pairs, strategy: str, num_experts: int, sentinel_ok: bool = True
             w_src = (weights * hit).sum(1, keepdim=True)
             weights = torch.where(hit, weights / 2, weights)
             has = hit.any(1, keepdim=True)
-            fill = num_experts if sentinel_ok else src
+            # Tokens without the hot expert get a sentinel column (index num_experts, weight 0): no
+            # expert. romer.moe.routing hands the model a real expert at weight 0 in its place.
             extra_i.append(torch.where(has, torch.full_like(has, slot, dtype=indices.dtype),
-                                       torch.full_like(has, fill, dtype=indices.dtype)))
+                                       torch.full_like(has, num_experts, dtype=indices.dtype)))
             extra_w.append(torch.where(has, w_src / 2, torch.zeros_like(w_src)))
         return torch.cat([weights] + extra_w, 1), torch.cat([indices] + extra_i, 1)
 

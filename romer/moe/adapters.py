@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from romer.core.errors import UserError
+from romer.core.records import AnalogTensor
 
 
 @dataclass
@@ -27,11 +28,11 @@ class MoEBlock:
     shared: list = field(default_factory=list)  # dense shared-expert modules (incl. their gates)
 
 
-def _linear_weights(module: nn.Module, prefix: str):
-    """(name, weight) of every nn.Linear under module."""
+def _linear_weights(module: nn.Module, prefix: str = ""):
+    """(name, weight) of every nn.Linear under module, named `prefix.path.weight`."""
     for name, m in module.named_modules():
         if isinstance(m, nn.Linear):
-            yield (f"{prefix}.{name}" if name else prefix) + ".weight", m.weight
+            yield ".".join(x for x in (prefix, name, "weight") if x), m.weight
 
 
 def decoder_layers(model: nn.Module):
@@ -79,15 +80,16 @@ class Adapter:
         return 0
 
     def expert_param_tensors(self, block: MoEBlock):
-        """(name suffix, tensor) of the routed-expert weights; each tensor's last dim is the input."""
+        """(name suffix, part, expert, tensor) of the routed-expert weights; each tensor's last dim is
+        the input. Fused layouts: one [E, out, in] tensor per part, expert None."""
         ex = block.experts
         if getattr(ex, "is_transposed", False):
             raise UserError(f"{self.family}: transposed expert layouts are not supported")
-        return [(n, p) for n, p in ex.named_parameters() if p.dim() == 3]
+        return [(n, n, None, p) for n, p in ex.named_parameters() if p.dim() == 3]
 
-    def expert_tensors(self, block: MoEBlock, e: int) -> list[torch.Tensor]:
-        """Views of expert e's weights (writable in place): one physical array per tensor."""
-        return [p.data[e] for _, p in self.expert_param_tensors(block)]
+    def expert_tensors(self, block: MoEBlock, e: int) -> list[tuple[str, torch.Tensor]]:
+        """(part, view) of expert e's weights (writable in place): one physical array per tensor."""
+        return [(part, p.data[e]) for _, part, _, p in self.expert_param_tensors(block)]
 
     # ---- routing ---------------------------------------------------------------------------
     def router_logits(self, router, args, output) -> torch.Tensor:
@@ -209,10 +211,11 @@ class DeepseekMoeRemoteAdapter(Adapter):
         return int(getattr(model.config, "n_shared_experts", 0) or 0)
 
     def expert_param_tensors(self, block):
-        return list(_linear_weights(block.experts, "experts"))
+        return [(f"experts.{e}.{part}", part, e, w) for e, mlp in enumerate(block.experts)
+                for part, w in _linear_weights(mlp)]
 
     def expert_tensors(self, block, e):
-        return [w.data for _, w in _linear_weights(block.experts[e], "e")]
+        return [(part, w.data) for part, w in _linear_weights(block.experts[e])]
 
     def router_logits(self, router, args, output):
         h = args[0]
@@ -259,31 +262,38 @@ def get_adapter(model) -> Adapter:
     raise UserError(f"unsupported model family {mtype!r}. Supported families: {supported}")
 
 
-def analog_tensors(model, adapter: Adapter, kinds) -> list[tuple[str, str, torch.Tensor]]:
-    """(name, kind, tensor) for every weight of the given analog kinds.
+def analog_tensors(model, adapter: Adapter, kinds) -> list[AnalogTensor]:
+    """An AnalogTensor for every weight of the given analog kinds.
 
     Kinds: routed_experts, shared_experts, router, attention (every Linear of every self_attn),
     dense_mlp (MLPs of non-MoE layers). Embeddings, norms, lm_head and biases stay digital.
+    Names (`layers.<i>.<module path>`) are the keys of the per-tensor noise seeds: keep them stable.
     """
     kinds = set(kinds)
     out = []
     blocks = {b.layer: b for b in adapter.blocks(model)}
+
+    def linears(module, prefix, kind, i):
+        return [AnalogTensor(n, kind, w, layer=i, part=n.removeprefix(prefix + "."))
+                for n, w in _linear_weights(module, prefix)]
+
     for i, layer in enumerate(decoder_layers(model)):
         pre = f"layers.{i}"
         if "attention" in kinds and hasattr(layer, "self_attn"):
-            out += [(n, "attention", w) for n, w in _linear_weights(layer.self_attn, f"{pre}.self_attn")]
+            out += linears(layer.self_attn, f"{pre}.self_attn", "attention", i)
         b = blocks.get(i)
         if b is None:
             if "dense_mlp" in kinds and getattr(layer, "mlp", None) is not None:
-                out += [(n, "dense_mlp", w) for n, w in _linear_weights(layer.mlp, f"{pre}.mlp")]
+                out += linears(layer.mlp, f"{pre}.mlp", "dense_mlp", i)
             continue
         if "router" in kinds:
-            out.append((f"{pre}.mlp.gate.weight", "router", b.router.weight))
+            out.append(AnalogTensor(f"{pre}.mlp.gate.weight", "router", b.router.weight, layer=i, part="weight"))
         if "routed_experts" in kinds:
-            out += [(f"{pre}.mlp.experts.{n}", "routed_experts", t) for n, t in adapter.expert_param_tensors(b)]
+            out += [AnalogTensor(f"{pre}.mlp.experts.{n}", "routed_experts", t, layer=i, part=part, expert=e)
+                    for n, part, e, t in adapter.expert_param_tensors(b)]
         if "shared_experts" in kinds:
             for j, s in enumerate(b.shared):
-                out += [(n, "shared_experts", w) for n, w in _linear_weights(s, f"{pre}.mlp.shared{j}")]
+                out += linears(s, f"{pre}.mlp.shared{j}", "shared_experts", i)
     return out
 
 
@@ -293,7 +303,7 @@ def describe(model) -> dict:
     blocks = a.blocks(model)
     counts = {}
     for k in ("routed_experts", "shared_experts", "attention", "router", "dense_mlp"):
-        counts[k] = sum(t.numel() for _, _, t in analog_tensors(model, a, [k]))
+        counts[k] = sum(r.tensor.numel() for r in analog_tensors(model, a, [k]))
     return {
         "family": a.family,
         "model_type": model.config.model_type,

@@ -25,17 +25,21 @@ from romer.core.paths import MODEL_DIR, NOISE_MODEL
 
 
 class Experiment:
-    def __init__(self, params, model_dir=MODEL_DIR, noise_model_path=NOISE_MODEL, noise_model=None):
+    def __init__(self, params, model_dir=MODEL_DIR, noise_model_path=NOISE_MODEL, noise_model=None,
+                 model=None, tokenizer=None):
+        """Load the model and tokenizer from `model_dir`, or take an in-memory `model` (and
+        `tokenizer`, needed only for text windows) as they are, on the device they are on."""
         self.params = params
         m = params.model
-        self.device = None if m.device_map else resolve_device(m.device)
-        self.model = load_model(model_dir, trust_remote_code=m.trust_remote_code, dtype=m.dtype,
-                                device=self.device or "cpu", device_map=m.device_map)
-        if m.device_map:  # inputs go where the embedding is
-            self.device = input_device(self.model)
+        if model is None:
+            self.device = None if m.device_map else resolve_device(m.device)
+            model = load_model(model_dir, trust_remote_code=m.trust_remote_code, dtype=m.dtype,
+                               device=self.device or "cpu", device_map=m.device_map)
+            tokenizer = load_tokenizer(model_dir, trust_remote_code=m.trust_remote_code)
+        self.model, self.tokenizer = model, tokenizer
+        self.device = input_device(model)  # inputs go where the embedding is (device_map too)
         self.model.config.output_router_logits = False
         self.model.requires_grad_(False)  # inference only: weights are edited in place
-        self.tokenizer = load_tokenizer(model_dir, trust_remote_code=params.model.trust_remote_code)
         self.adapter = get_adapter(self.model)
         self.blocks = self.adapter.blocks(self.model)
         self.num_experts = self.adapter.num_experts(self.blocks[0])
@@ -49,8 +53,7 @@ class Experiment:
         kinds = sorted(set(self.analog_kinds) | {"routed_experts", "router"})
         tensors = analog_tensors(self.model, self.adapter, kinds)
         self.weights = AnalogWeights(tensors, noise_model, tile_rows=params.cim.tile_rows, levels=params.cim.levels)
-        self._expert_tensors = [(n, t) for n, k, t in tensors if k == "routed_experts"]
-        self.sentinel_ok = not params.model.trust_remote_code
+        self._expert_records = [r for r in tensors if r.kind == "routed_experts"]
         self._state_key = None  # what the weights hold now (see set_state)
 
     # ---- data ------------------------------------------------------------------------------
@@ -72,7 +75,7 @@ class Experiment:
         kept digital (clean), for the heterogeneous analog-digital baseline.
         """
         n = self.params.noise
-        edit = weight_edit(plan, self.weights.clean) if plan and plan["replaced"] else None
+        edit = weight_edit(plan, self.weights.clean_at) if plan and plan["replaced"] else None
         scale = n.scale if scale is None else scale
         t_inference_s = n.t_inference_s if t_inference_s is None else t_inference_s
         kinds = self.analog_kinds if kinds is None else kinds
@@ -99,13 +102,12 @@ class Experiment:
     @torch.no_grad()
     def _keep_digital(self, digital):
         """Put the clean weights back into the given experts (fused [E, out, in] tensors)."""
-        for name, t in self._expert_tensors:
-            layer = int(name.split(".")[1])
-            for e in digital.get(layer, []):
-                if t.dim() == 3:
-                    t[e].copy_(self.weights.clean(name)[e])
-                elif f".experts.{e}." in name:
-                    t.copy_(self.weights.clean(name))
+        for rec in self._expert_records:
+            for e in digital.get(rec.layer, []):
+                if rec.fused:
+                    rec.tensor[e].copy_(self.weights.clean(rec.name)[e])
+                elif rec.expert == e:
+                    rec.tensor.copy_(self.weights.clean(rec.name))
 
     def restore(self):
         self.weights.restore()
@@ -115,7 +117,7 @@ class Experiment:
     def replacement_fns(self, plan) -> dict:
         if not plan or not plan["replaced"]:
             return {}
-        return {layer: routing_fns(pairs, plan["strategy"], self.num_experts, self.sentinel_ok)
+        return {layer: routing_fns(pairs, plan["strategy"], self.num_experts)
                 for layer, pairs in pairs_by_layer(plan).items()}
 
     def routing_plan(self, plan=None, maps=None) -> dict:
