@@ -24,6 +24,7 @@ import numpy as np
 
 from romer.cim.chip_data import MIN_DEVICES_PER_LEVEL, Measurements, group_codes, load_measurements
 from romer.core.errors import UserError
+from romer.core.numerics import lstsq_exact, polyval_increasing
 from romer.cim.noise_models import FORMAT, GRID_POINTS, NoiseModel, _fl
 
 READ_MIN_GROUPS = 5  # devices with repeated reads needed per (level, time) to estimate read noise
@@ -50,10 +51,14 @@ def _wls_poly(x, y, n, degree, a=None, dof_a=None, iters=4):
     floor = max(1e-3 * float(np.max(np.abs(y))), 1e-12)
     for it in range(iters):
         sw = np.sqrt(w / w.max())
-        coef, *_ = np.linalg.lstsq(V * sw[:, None], y * sw, rcond=None)
-        f2 = np.maximum(V @ coef, floor) ** 2
+        try:
+            coef = lstsq_exact(V * sw[:, None], y * sw)
+        except np.linalg.LinAlgError:
+            raise UserError(f"noise fit: a degree-{degree} polynomial needs at least {degree + 1} distinct "
+                            f"conductance levels, the data has {len(np.unique(x))}; lower noise.degree / --degree") from None
+        f2 = np.maximum(polyval_increasing(coef, x), floor) ** 2
         w = 4 * f2 / (2 * (f2 + a) ** 2 / n1 + 2 * a**2 / dof_a)
-    fit = V @ coef
+    fit = polyval_increasing(coef, x)
     wn = w / w.sum()
     ybar = float(np.sum(wn * y))
     ss_tot = float(np.sum(wn * (y - ybar) ** 2))
@@ -64,6 +69,11 @@ def _wls_poly(x, y, n, degree, a=None, dof_a=None, iters=4):
     r2_u = 1.0 - ss_res_u / ss_tot_u if ss_tot_u > 0 else (1.0 if ss_res_u == 0 else 0.0)
     rmse_rel = float(np.sqrt(np.mean(((y - fit) / np.maximum(np.abs(fit), 1e-12)) ** 2)))
     return coef, r2, r2_u, rmse_rel
+
+
+def _line(x, y):
+    """(intercept, slope) of the least-squares line, CPU-independent (romer.core.numerics)."""
+    return lstsq_exact(np.vander(np.asarray(x, dtype=np.float64), 2, increasing=True), y)
 
 
 def _interp_grid(grid, xp, fp):
@@ -254,8 +264,8 @@ def _drift(m: Measurements, dev, has_dev):
             if len(xs) < 2:
                 continue
             xs, mu, var = map(np.asarray, (xs, mu, var))
-            b = np.polyfit(xs, mu, 1)[0]
-            vs = np.polyfit(xs**2, var, 1)[0] if len(xs) >= 2 and np.ptp(xs**2) > 0 else 0.0
+            b = _line(xs, mu)[1]
+            vs = _line(xs**2, var)[1] if len(xs) >= 2 and np.ptp(xs**2) > 0 else 0.0
             per.append({"g_uS": float(m.level_g[lv]), "n_devices": int(sel.sum()), "nu_mean": float(-b),
                         "nu_std": math.sqrt(max(float(vs), 0.0)), "nu_std_raw": None, "std_corrected": False})
         if not per:
@@ -267,8 +277,8 @@ def _drift(m: Measurements, dev, has_dev):
     if len(per) >= 2:
         lx = np.log(np.maximum(g, 1e-12) / m.g_target.max())
         param = {"form": "a + b * ln(g/g_max) (summary only; the model uses the table)",
-                 "mean_ab": [float(c) for c in np.polyfit(lx, mean, 1)[::-1]],
-                 "std_ab": [float(c) for c in np.polyfit(lx, std, 1)[::-1]]}
+                 "mean_ab": [float(c) for c in _line(lx, mean)],
+                 "std_ab": [float(c) for c in _line(lx, std)]}
     return {"t0_s": t0, "method": method, "levels": per, "parametric": param}, None
 
 

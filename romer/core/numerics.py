@@ -62,3 +62,46 @@ def modes() -> dict:
         "threads": torch.get_num_threads(),
         "env": {k: os.environ.get(k) for k in PINS},
     }
+
+
+def lstsq_exact(A, b):
+    """Least-squares solution of A x = b (A [n, p], b [n], float64), independent of the CPU.
+
+    LAPACK's lstsq runs whichever BLAS kernel the CPU selects, and its last bits differ between
+    machines. Here the normal equations are formed and solved exactly in rationals, and each
+    coefficient is rounded once to float64: the exact least-squares solution of the given floats,
+    the same bytes on every machine. Meant for the small fits of the noise model (p <= 7).
+    """
+    import numpy as np
+    from fractions import Fraction
+
+    A = np.asarray(A, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if A.ndim != 2 or b.shape != (A.shape[0],):
+        raise ValueError(f"lstsq_exact: need A [n, p] and b [n], got {A.shape} and {b.shape}")
+    rows = [[Fraction(float(v)) for v in r] for r in A]
+    rhs = [Fraction(float(v)) for v in b]
+    p = A.shape[1]
+    M = [[sum((r[i] * r[j] for r in rows), Fraction(0)) for j in range(p)]
+         + [sum((r[i] * y for r, y in zip(rows, rhs)), Fraction(0))] for i in range(p)]
+    for c in range(p):  # Gauss-Jordan elimination, exact
+        piv = next((r for r in range(c, p) if M[r][c] != 0), None)
+        if piv is None:
+            raise np.linalg.LinAlgError(f"lstsq_exact: rank-deficient system (column {c} of {p})")
+        M[c], M[piv] = M[piv], M[c]
+        for r in range(p):
+            if r != c and M[r][c] != 0:
+                f = M[r][c] / M[c][c]
+                M[r] = [x - f * y for x, y in zip(M[r], M[c])]
+    return np.array([float(M[i][p] / M[i][i]) for i in range(p)])
+
+
+def polyval_increasing(coef, x):
+    """sum_k coef[k] x^k by Horner's rule, elementwise (no BLAS matrix-vector product)."""
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.float64)
+    out = np.zeros_like(x)
+    for c in reversed(list(coef)):
+        out = out * x + float(c)
+    return out
