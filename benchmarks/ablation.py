@@ -16,22 +16,19 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 import time
-from pathlib import Path
 
+import romer  # noqa: F401  (before torch: pins the CPU numerical modes)
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from romer.evaluation.measure import mean_ci, paired_reduction, perplexity  # noqa: E402
+from romer.evaluation.measure import mean_ci, paired_reduction, perplexity
 from romer.core.numerics import set_determinism
-from romer.pipeline.experiment import Experiment  # noqa: E402
-from romer.core.io import write_json  # noqa: E402
-from romer.core.params import load_params  # noqa: E402
-from romer.pipeline.stages import compute_percentiles, evaluate_seed, profile_routing  # noqa: E402
-from romer.methods.replacement import make_plan  # noqa: E402
-from romer.moe.routing import Recorder  # noqa: E402
+from romer.pipeline.experiment import Experiment
+from romer.core.io import write_json
+from romer.core.params import load_params
+from romer.pipeline.stages import compute_percentiles, evaluate_seed, profile_routing
+from romer.methods.replacement import make_plan
+from romer.moe.routing import Recorder
 
 
 def with_params(exp, **sections):

@@ -13,19 +13,16 @@ experts (OLMoE, Qwen2-MoE: no renormalisation), or sigmoid scores renormalised o
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
+import romer  # noqa: F401  (before torch: pins the CPU numerical modes)
 import torch
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from romer.methods.calibration import compose, make_transform  # noqa: E402
-from romer.evaluation.measure import perplexity  # noqa: E402
+from romer.methods.calibration import compose, make_transform
+from romer.evaluation.measure import perplexity
 from romer.core.numerics import set_determinism
-from romer.pipeline.experiment import Experiment  # noqa: E402
-from romer.core.params import load_params  # noqa: E402
-from romer.pipeline.stages import clean_percentiles  # noqa: E402
+from romer.pipeline.experiment import Experiment
+from romer.core.params import load_params
+from romer.pipeline.stages import clean_percentiles
 
 MODELS = {"olmoe": "models/model", "qwen2_moe": "models/families/qwen2_moe",
           "deepseek_v3": "models/families/deepseek_v3"}

@@ -8,15 +8,13 @@ collapses within hours nor is untouched.
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from romer.evaluation.measure import perplexity  # noqa: E402
+import romer  # noqa: F401  (before torch: pins the CPU numerical modes)
+from romer.evaluation.measure import perplexity
 from romer.core.numerics import set_determinism
-from romer.pipeline.experiment import Experiment  # noqa: E402
-from romer.core.params import load_params  # noqa: E402
+from romer.pipeline.experiment import Experiment
+from romer.core.params import load_params
 
 
 def main(argv=None):

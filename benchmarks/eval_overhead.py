@@ -17,24 +17,22 @@ import argparse
 import json
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
+import romer  # noqa: F401  (before torch: pins the CPU numerical modes)
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from romer.moe.adapters import analog_tensors, get_adapter  # noqa: E402
-from romer.methods.calibration import make_transform  # noqa: E402
-from romer.cim.mapping import AnalogWeights  # noqa: E402
-from romer.evaluation.measure import nll_pass  # noqa: E402
-from romer.pipeline.experiment import Experiment  # noqa: E402
-from romer.cim.sources import resolve_noise_model  # noqa: E402
-from romer.core.params import ANALOG_KINDS, load_params  # noqa: E402
-from romer.methods.replacement import make_plan, routing_fns, weight_edit  # noqa: E402
-from romer.moe.routing import Recorder  # noqa: E402
-from romer.methods.calibration import compose  # noqa: E402
+from romer.moe.adapters import analog_tensors, get_adapter
+from romer.methods.calibration import make_transform
+from romer.cim.mapping import AnalogWeights
+from romer.evaluation.measure import nll_pass
+from romer.pipeline.experiment import Experiment
+from romer.cim.sources import resolve_noise_model
+from romer.core.params import ANALOG_KINDS, load_params
+from romer.methods.replacement import make_plan, routing_fns, weight_edit
+from romer.moe.routing import Recorder
+from romer.methods.calibration import compose
 
 SHAPES = {
     # OLMoE-1B-7B (allenai/OLMoE-1B-7B-0924): 16 layers, 64 experts top-8, hidden 2048, expert FFN 1024.

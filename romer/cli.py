@@ -10,8 +10,8 @@ from romer.core.errors import UserError
 
 
 def _cmd_inspect(args):
-    from romer.moe.models import load_model
     from romer.moe.adapters import describe
+    from romer.moe.models import load_model
 
     model = load_model(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code)
     info = describe(model)

@@ -1,11 +1,6 @@
 """Regenerate the README results table from metrics/eval.json (run after `dvc repro`)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from romer.reporting.report import update_readme  # noqa: E402
+from romer.reporting.report import update_readme
 
 if __name__ == "__main__":
     update_readme()

@@ -4,10 +4,10 @@ Run from the repo root as `python -m stages.evaluate`; the work is romer.pipelin
 deps, params and outs.
 """
 
-from romer.pipeline.stages import run_evaluate
 from romer.core.errors import exit_on_user_error
 from romer.core.numerics import set_determinism
 from romer.core.params import load_params
+from romer.pipeline.stages import run_evaluate
 
 
 @exit_on_user_error

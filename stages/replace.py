@@ -4,10 +4,10 @@ Run from the repo root as `python -m stages.replace`; the work is romer.pipeline
 deps, params and outs.
 """
 
-from romer.pipeline.stages import run_replace
 from romer.core.errors import exit_on_user_error
 from romer.core.numerics import set_determinism
 from romer.core.params import load_params
+from romer.pipeline.stages import run_replace
 
 
 @exit_on_user_error

@@ -1,3 +1,5 @@
+import romer  # noqa: F401  (first: pins the CPU numerical modes before anything loads torch)
+
 import os
 import sys
 from pathlib import Path

@@ -1,13 +1,12 @@
 import pytest
 import torch
-from torch import nn
-
-from romer.moe.adapters import analog_tensors, describe, get_adapter
-from romer.core.errors import UserError
-from romer.moe.routing import LayerRouting, Recorder, routed
-
 from deepseek_moe_mirror import Cfg, DeepseekForCausalLM
 from tiny_models import FAMILIES, build
+from torch import nn
+
+from romer.core.errors import UserError
+from romer.moe.adapters import analog_tensors, describe, get_adapter
+from romer.moe.routing import LayerRouting, Recorder, routed
 
 ALL = list(FAMILIES) + ["deepseek_moe"]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from romer.data.corpus import builtin_splits, read_corpus, split_text
 from romer.core.errors import UserError
 from romer.core.params import BuiltinParams
+from romer.data.corpus import builtin_splits, read_corpus, split_text
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "data" / "corpus"
@@ -208,8 +208,8 @@ def test_fetch_model_stage_bad_params_exit_2(tmp_path, monkeypatch, capsys):
 def test_builtin_recipe_other_families(family, extra, tmp_path):
     """The recipe trains Qwen2-MoE and DeepSeek-V3 variants; the saved model loads as that family,
     and DeepSeek-V3's correction bias moved (aux-loss-free balancing) and was saved."""
-    from romer.moe.adapters import describe
     from romer.builtin.train import train_builtin
+    from romer.moe.adapters import describe
     from romer.moe.models import load_model
 
     cfg = BuiltinParams(**{**TINY, "family": family, "steps": 7, **extra})

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from romer.cim.mapping import AnalogWeights, tensor_seed
-from romer.core.records import AnalogTensor as AT
 from romer.cim.noise_models import NoiseModel, gaussian, pcm_joshi2020
+from romer.core.records import AnalogTensor as AT
 
 PCM = pcm_joshi2020()
 PROG_ONLY = NoiseModel(name="prog", kind="json", g_max=25.0, prog_coeffs=list(PCM.prog_coeffs))

@@ -1,9 +1,8 @@
 import torch
-
-from romer.moe.adapters import get_adapter
-from romer.methods.hetero import expert_max_neuron_norm, sensitive_experts
-
 from tiny_models import build
+
+from romer.methods.hetero import expert_max_neuron_norm, sensitive_experts
+from romer.moe.adapters import get_adapter
 
 
 def test_max_neuron_norm_by_hand():

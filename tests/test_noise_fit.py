@@ -14,16 +14,15 @@ import pytest
 import torch
 
 from romer.cim.chip_data import load_measurements
-from romer.core.errors import UserError
 from romer.cim.noise_fit import fit_noise, plot_fit
 from romer.cim.noise_models import PRESETS, NoiseModel, gaussian
 from romer.cim.sources import load_noise_model, resolve_noise_model
+from romer.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 CHIP = ROOT / "data" / "chip"
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_chip_samples as gen  # noqa: E402
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

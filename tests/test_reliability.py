@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import build
 
 from romer.cim.noise_models import gaussian
 from romer.core.params import Params
 from romer.pipeline.experiment import Experiment
-
-from tiny_models import build
 
 REPO = Path(__file__).resolve().parent.parent
 

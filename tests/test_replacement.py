@@ -110,8 +110,8 @@ def test_average_strategy_sentinel_is_safe_with_grouped_mm():
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny_models import build
 
-    from romer.moe.adapters import get_adapter
     from romer.methods.calibration import compose
+    from romer.moe.adapters import get_adapter
     from romer.moe.routing import Recorder, routed
 
     ids = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(3))

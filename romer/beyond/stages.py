@@ -18,8 +18,8 @@ ARCH_JSON = "metrics/architectures.json"
 
 
 def _setup(params, model_dir=None):
-    from romer.evaluation.measure import perplexity
     from romer.core.paths import MODEL_DIR
+    from romer.evaluation.measure import perplexity
     from romer.pipeline.experiment import Experiment
 
     exp = Experiment(params, model_dir=model_dir or MODEL_DIR)
@@ -134,9 +134,9 @@ def run_family_model(params, name):
 
 def run_family_eval(params, name):
     """Clean, noisy and ROMER PPL (and load CV) of family `name` at noise.scale, as the sweep points."""
-    from romer.moe.adapters import describe
     from romer.beyond.studies import sweep_point
     from romer.evaluation.measure import routing_report
+    from romer.moe.adapters import describe
     from romer.reporting.tracking import log_run
 
     model_dir = FAMILY_MODELS / name

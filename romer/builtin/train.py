@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from romer.data.corpus import builtin_splits
 from romer.core.errors import UserError
 from romer.core.io import atomic_path
 from romer.core.lm_loss import chunked_lm_loss
+from romer.data.corpus import builtin_splits
 from romer.moe.routing_metrics import expert_load, load_stats, summarize_layers
 
 SPECIAL_TOKEN = "<|endoftext|>"
@@ -138,7 +138,11 @@ def build_deepseek_v3_config(cfg, vocab_size: int):
 
 def build_model(cfg, vocab_size: int):
     """A freshly initialised causal LM of cfg.family (seed the RNG first)."""
-    from transformers import DeepseekV3ForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM
+    from transformers import (
+        DeepseekV3ForCausalLM,
+        OlmoeForCausalLM,
+        Qwen2MoeForCausalLM,
+    )
 
     builders = {"olmoe": (build_olmoe_config, OlmoeForCausalLM),
                 "qwen2_moe": (build_qwen2_moe_config, Qwen2MoeForCausalLM),

@@ -22,10 +22,15 @@ import math
 
 import numpy as np
 
-from romer.cim.chip_data import MIN_DEVICES_PER_LEVEL, Measurements, group_codes, load_measurements
+from romer.cim.chip_data import (
+    MIN_DEVICES_PER_LEVEL,
+    Measurements,
+    group_codes,
+    load_measurements,
+)
+from romer.cim.noise_models import FORMAT, GRID_POINTS, NoiseModel, _fl
 from romer.core.errors import UserError
 from romer.core.numerics import lstsq_exact, polyval_increasing
-from romer.cim.noise_models import FORMAT, GRID_POINTS, NoiseModel, _fl
 
 READ_MIN_GROUPS = 5  # devices with repeated reads needed per (level, time) to estimate read noise
 

@@ -72,8 +72,9 @@ def lstsq_exact(A, b):
     coefficient is rounded once to float64: the exact least-squares solution of the given floats,
     the same bytes on every machine. Meant for the small fits of the noise model (p <= 7).
     """
-    import numpy as np
     from fractions import Fraction
+
+    import numpy as np
 
     A = np.asarray(A, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
