@@ -1,10 +1,10 @@
-import romer  # noqa: F401  (first: pins the CPU numerical modes before anything loads torch)
-
 import os
 import sys
 from pathlib import Path
 
 import pytest
+
+import romer  # noqa: F401  (before any test module loads torch: pins the CPU numerical modes)
 
 sys.path.insert(0, str(Path(__file__).parent))
 # Never touch the network or a user's HF cache from the tests.

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from romer.core.errors import UserError
 
@@ -24,6 +31,8 @@ class _Section(BaseModel):
 
 class ModelParams(_Section):
     source: str = "builtin"  # builtin | hub id | local directory
+    # Hub id: the commit or tag (required). Local directory: optionally the sha256 of its model files
+    # (fetch_model prints it); pinned here, a change of the weights is a param change DVC sees.
     revision: Optional[str] = None
     trust_remote_code: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -3,6 +3,12 @@
 `fetch_model` materialises the source as `models/model`: the builtin model's weights, or a small
 `source.json` pointer for local and hub models (so DVC does not copy 30 GB of weights). Weights
 load from safetensors only.
+
+A local directory's pointer carries the sha256 of its model files (romer.core.provenance), so a
+change of the weights changes the fetch_model output and reruns every later stage. DVC cannot see a
+directory it does not track, so the hash is also pinned in params.yaml as `model.revision` (as a hub
+model pins its commit): fetch_model refuses weights that do not match the pin, and every load through
+the pointer refuses weights that changed after fetch_model recorded them.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 from romer.core.errors import UserError
 from romer.core.io import atomic_path
 from romer.core.paths import MODEL_DIR
+from romer.core.provenance import model_files_sha256
 
 BUILTIN_DIR = Path(MODEL_DIR)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -59,7 +66,7 @@ def resolve_source(source: str, revision=None) -> Path:
             ref = json.loads(pointer.read_text())
             if ref["kind"] == "hub":
                 return Path(_download(ref["id"], ref["commit"] or ref["revision"]))
-            return resolve_source(ref["path"])
+            return _verified_local(ref)
         if not (p / "config.json").is_file():
             raise UserError(f"model directory {p} has no config.json (expected a save_pretrained directory)")
         return p
@@ -68,6 +75,34 @@ def resolve_source(source: str, revision=None) -> Path:
     if source.startswith((".", "/", "~")) or not HUB_ID.match(source):
         raise UserError(f"model source '{source}' is neither an existing directory nor a hub id (owner/name)")
     return Path(_download(source, revision))
+
+
+_VERIFIED: dict = {}  # (path, sha256) -> file stats at the last check: each process hashes a model once
+
+
+def _stats(path: Path):
+    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file()))
+
+
+def _verified_local(ref) -> Path:
+    """The local model directory of a source.json pointer, after checking that its model files still have
+    the sha256 fetch_model recorded (a pointer without one, from an older fetch_model, is not checked)."""
+    path = resolve_source(ref["path"])
+    want = ref.get("sha256")
+    if want is None:
+        return path
+    key = (str(path.resolve()), want)
+    stats = _stats(path)
+    if _VERIFIED.get(key) != stats:
+        got = model_files_sha256(path)
+        if got != want:
+            raise UserError(
+                f"the model files in {ref['path']} changed since fetch_model recorded them (sha256 {want[:12]}..., "
+                f"now {got[:12]}...): results would not match dvc.lock. To use the new weights set "
+                f"model.revision: {got} in params.yaml and run `dvc repro`"
+            )
+        _VERIFIED[key] = stats
+    return path
 
 
 def load_model(source="builtin", revision=None, trust_remote_code=False, dtype="float32", device="cpu",
@@ -151,10 +186,24 @@ def load_tokenizer(source="builtin", revision=None, trust_remote_code=False):
 
 
 def fetch_external(model_params, out_dir=BUILTIN_DIR):
-    """Write models/model/source.json for a local or hub source, after checking it loads."""
+    """Write models/model/source.json for a local or hub source, after checking it loads.
+
+    A local source: the pointer records the sha256 of its model files; `model.revision`, if set, must be
+    that sha256 (the pin DVC sees, as params are deps of fetch_model)."""
     source = model_params.source
     if Path(source).is_dir():
-        ref = {"kind": "local", "path": source}
+        resolve_source(source)  # a model directory (config.json), not a pointer or something else
+        digest = model_files_sha256(source)
+        pin = model_params.revision
+        if pin is not None and pin != digest:
+            raise UserError(
+                f"params key 'model.revision': the model files in {source} have sha256 {digest}, not the pinned "
+                f"{pin}: the weights changed. If the change is intended, set model.revision: {digest}"
+            )
+        if pin is None:
+            print(f"note: pin the local model in params.yaml with model.revision: {digest} (its sha256); "
+                  f"then a change of its weights stops the pipeline instead of going unnoticed by DVC")
+        ref = {"kind": "local", "path": source, "sha256": digest}
     else:
         if model_params.revision is None:
             raise UserError(
@@ -162,7 +211,8 @@ def fetch_external(model_params, out_dir=BUILTIN_DIR):
                 f"so the run is reproducible"
             )
         path = resolve_source(source, model_params.revision)
-        ref = {"kind": "hub", "id": source, "revision": model_params.revision, "commit": path.name}
+        ref = {"kind": "hub", "id": source, "revision": model_params.revision, "commit": path.name,
+               "sha256": model_files_sha256(path)}  # recorded for provenance; the commit pins the files
     # Validate now (structure only: meta device, no weights read) so later stages fail less.
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -12,12 +12,26 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from romer.evaluation.measure import mean_ci, paired_reduction, perplexity, routing_report
 from romer.core.io import read_json, write_json
+from romer.core.paths import (
+    EVAL_JSON,
+    MODEL_DIR,
+    NOISE_MODEL,
+    PERCENTILES_JSON,
+    PLAN_JSON,
+    PLOTS,
+    PROFILE_JSON,
+)
+from romer.core.provenance import provenance, versions
+from romer.evaluation.measure import (
+    mean_ci,
+    paired_reduction,
+    perplexity,
+    routing_report,
+)
 from romer.methods.replacement import make_plan, pairs_by_layer
 from romer.moe.routing import Recorder
 
-from romer.core.paths import EVAL_JSON, PERCENTILES_JSON, PLAN_JSON, PLOTS, PROFILE_JSON
 METHODS = ("noisy", "replace_only", "calibrate_only", "romer")
 
 
@@ -311,6 +325,9 @@ def run_evaluate(params, exp=None, log_mlflow=True) -> dict:
         out["tasks"] = evaluate_tasks(exp, e.tasks, {s: per_seed[s]["romer"]["state"] for s in e.seeds},
                                       limit=e.task_limit)
     exp.restore()
+    # What the numbers were made from (identical across reruns of the same commit and environment).
+    out["provenance"] = provenance(MODEL_DIR, NOISE_MODEL)
+    out["versions"] = versions()
     # Wall time goes to the log and MLflow, not eval.json, which must be identical across reruns.
     wall = time.time() - t0
     print(f"evaluate: {len(e.seeds)} seeds x {len(names)} methods in {wall:.0f} s")

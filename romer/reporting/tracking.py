@@ -1,21 +1,22 @@
 """MLflow logging of an evaluation run.
 
 One run per `evaluate`: the flattened params.yaml as params, eval.json flattened with dots as metrics
-(`ppl.romer.mean`), the noise model, plots and replacement plan as artifacts, and tags (git commit,
-model, noise source). If MLflow cannot be reached the stage still succeeds (its DVC metrics are
-written first); it warns once and `romer mlflow-log` logs the committed metrics later.
+(`ppl.romer.mean`), the noise model, plots and replacement plan as artifacts, and tags: model, noise
+source, dataset and eval.json's provenance (git commit, git dirty, sha256 of the model and of the noise
+model, library versions as `version.<lib>`). If MLflow cannot be reached the stage still succeeds (its
+DVC metrics are written first); it warns once and `romer mlflow-log` logs the committed metrics later.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 from romer.core.errors import UserError
 from romer.core.params import flatten, load_params
+from romer.core.provenance import git_commit, git_dirty, provenance, versions  # noqa: F401 (re-exported)
 
 ARTIFACTS = ["noise/noise_model.json", "metrics/replacement_plan.json", "metrics/noise_fit.json",
              "metrics/profile.json", "metrics/plots", "metrics/report.md"]
@@ -48,22 +49,15 @@ def metrics_from_eval(ev: dict) -> dict:
     return out
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
-    except Exception:
-        return "unknown"
-
-
-def git_dirty() -> str:
-    """"true" when tracked files differ from the commit (the run may not be reproducible from it)."""
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                             text=True, timeout=10, check=True).stdout
-        return "true" if out.strip() else "false"
-    except Exception:
-        return "unknown"
+def provenance_tags(ev: dict) -> dict:
+    """MLflow tags of a run: eval.json's `provenance` and `versions` (what the run was made from; also when
+    `romer mlflow-log` logs it later), or, for an eval.json without them, the current checkout's."""
+    prov = (ev.get("provenance") or provenance()) | {"git_commit": git_commit(), "git_dirty": git_dirty()}
+    vers = ev.get("versions") or versions()
+    tags = {k: "unknown" if prov.get(k) is None else str(prov[k])
+            for k in ("git_commit", "git_dirty", "model_sha256", "noise_model_sha256")}
+    tags.update({f"version.{k}": "none" if v is None else str(v) for k, v in vers.items()})
+    return tags
 
 
 def _check_reachable(uri: str):
@@ -94,8 +88,8 @@ def log_run(params, ev: dict, extra_metrics=None, strict=False, run_name=None, e
             metrics = metrics_from_eval(ev)
             metrics.update(extra_metrics or {})
             mlflow.log_metrics(metrics)
-            mlflow.set_tags({"git_commit": git_commit(), "git_dirty": git_dirty(), "model": params.model.source,
-                             "noise_source": params.noise.source, "dataset": ev.get("dataset", "")})
+            mlflow.set_tags(provenance_tags(ev) | {"model": params.model.source, "noise_source": params.noise.source,
+                                                   "dataset": ev.get("dataset", "")})
             for a in list(ARTIFACTS) + list(extra_artifacts):
                 p = Path(a)
                 if p.is_dir():
