@@ -303,7 +303,6 @@ def train_builtin(cfg, out_dir, progress: bool = True, return_model: bool = Fals
     from romer.moe.adapters import get_adapter
 
     t_start = time.perf_counter()
-    n_threads = torch.get_num_threads()  # fixed by the stage (numerics.threads)
     splits = builtin_splits(cfg)
 
     t0 = time.perf_counter()
@@ -384,7 +383,6 @@ def train_builtin(cfg, out_dir, progress: bool = True, return_model: bool = Fals
 
     report = {
         "model": f"builtin {FAMILY_NAMES[cfg.family]}-architecture MoE",
-        "threads": n_threads,
         "params": nparams["total"],
         "active_params": nparams["active"],
         "non_embedding_params": nparams["non_embedding"],
