@@ -2,7 +2,6 @@ import pytest
 import torch
 from deepseek_moe_mirror import Cfg, DeepseekForCausalLM
 from tiny_models import FAMILIES, build
-from torch import nn
 
 from romer.core.errors import UserError
 from romer.moe.adapters import analog_tensors, describe, get_adapter

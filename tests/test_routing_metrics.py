@@ -3,12 +3,7 @@ import math
 import pytest
 import torch
 
-from romer.moe.routing_metrics import (
-    expert_load,
-    jaccard_agreement,
-    kl_divergence,
-    load_stats,
-)
+from romer.moe.routing_metrics import expert_load, jaccard_agreement, kl_divergence, load_stats
 
 
 def test_expert_load_counts_topk_selections():

@@ -9,13 +9,7 @@ import torch
 from romer.cim.noise_models import gaussian
 from romer.core.errors import UserError
 from romer.core.params import Params
-from romer.evaluation.tasks import (
-    LOCAL_TASKS,
-    build_cloze,
-    evaluate_tasks,
-    load_tasks,
-    write_local_task,
-)
+from romer.evaluation.tasks import LOCAL_TASKS, build_cloze, evaluate_tasks, load_tasks, write_local_task
 from romer.methods.calibration import collect_logits, percentiles
 from romer.pipeline.experiment import Experiment
 

@@ -7,12 +7,7 @@ noisy and the ROMER model (per-chip calibration) over the eval seeds.
 
 from __future__ import annotations
 
-from romer.evaluation.measure import (
-    mean_ci,
-    paired_reduction,
-    perplexity,
-    routing_report,
-)
+from romer.evaluation.measure import mean_ci, paired_reduction, perplexity, routing_report
 from romer.moe.routing import Recorder
 from romer.pipeline.stages import chip_plan, clean_percentiles, clean_replaced
 

@@ -138,11 +138,7 @@ def build_deepseek_v3_config(cfg, vocab_size: int):
 
 def build_model(cfg, vocab_size: int):
     """A freshly initialised causal LM of cfg.family (seed the RNG first)."""
-    from transformers import (
-        DeepseekV3ForCausalLM,
-        OlmoeForCausalLM,
-        Qwen2MoeForCausalLM,
-    )
+    from transformers import DeepseekV3ForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM
 
     builders = {"olmoe": (build_olmoe_config, OlmoeForCausalLM),
                 "qwen2_moe": (build_qwen2_moe_config, Qwen2MoeForCausalLM),

@@ -87,10 +87,6 @@ class AnalogWeights:
     def names(self):
         return [r.name for r in self._entries]
 
-    @property
-    def records(self) -> list[AnalogTensor]:
-        return list(self._entries)
-
     def clean(self, name: str) -> torch.Tensor:
         """The clean CPU copy of a tensor (read it, do not modify it)."""
         return self._clean[name]

@@ -22,12 +22,7 @@ import math
 
 import numpy as np
 
-from romer.cim.chip_data import (
-    MIN_DEVICES_PER_LEVEL,
-    Measurements,
-    group_codes,
-    load_measurements,
-)
+from romer.cim.chip_data import MIN_DEVICES_PER_LEVEL, Measurements, group_codes, load_measurements
 from romer.cim.noise_models import FORMAT, GRID_POINTS, NoiseModel, _fl
 from romer.core.errors import UserError
 from romer.core.numerics import lstsq_exact, polyval_increasing

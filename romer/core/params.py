@@ -11,14 +11,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from romer.core.errors import UserError
 
@@ -288,13 +281,6 @@ def load_params(path="params.yaml") -> Params:
         return Params.model_validate(raw)
     except ValidationError as e:
         raise UserError(_format_error(path, e)) from None
-
-
-def require_file(path, key):
-    """Stop with a message naming the params key when a required input file is missing."""
-    if not Path(path).exists():
-        raise UserError(f"params key '{key}': file not found: {path}")
-    return Path(path)
 
 
 def flatten(d, prefix=""):

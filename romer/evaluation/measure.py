@@ -10,13 +10,7 @@ from tqdm.auto import tqdm
 
 from romer.core.lm_loss import chunked_lm_loss
 from romer.moe.routing import Recorder, routed
-from romer.moe.routing_metrics import (
-    expert_load,
-    jaccard_agreement,
-    kl_divergence,
-    load_stats,
-    summarize_layers,
-)
+from romer.moe.routing_metrics import expert_load, jaccard_agreement, kl_divergence, load_stats, summarize_layers
 
 # Two-sided 97.5% quantiles of Student's t for df = 1..30 (beyond: normal 1.96).
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,

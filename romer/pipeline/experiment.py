@@ -17,13 +17,7 @@ from romer.cim.mapping import AnalogWeights
 from romer.cim.noise_models import NoiseModel
 from romer.core.paths import MODEL_DIR, NOISE_MODEL
 from romer.data.text import calib_windows, eval_windows, load_text, tokenize
-from romer.methods.calibration import (
-    calibrate_maps,
-    collect_logits,
-    compose,
-    make_transform,
-    percentiles,
-)
+from romer.methods.calibration import calibrate_maps, collect_logits, compose, make_transform, percentiles
 from romer.methods.replacement import pairs_by_layer, routing_fns, weight_edit
 from romer.moe.adapters import analog_tensors, get_adapter
 from romer.moe.models import input_device, load_model, load_tokenizer, resolve_device

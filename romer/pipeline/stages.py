@@ -1,38 +1,21 @@
 """The logic of the profile, replace, percentiles and evaluate stages (the stage scripts are thin).
 
-Paths of the stage outputs are module constants so the stages, tests and docs agree on them.
+The paths of the stage outputs are in romer.core.paths, shared by the stages, tests and benchmarks.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from romer.core.io import read_json, write_json
-from romer.core.paths import (
-    EVAL_JSON,
-    MODEL_DIR,
-    NOISE_MODEL,
-    PERCENTILES_JSON,
-    PLAN_JSON,
-    PLOTS,
-    PROFILE_JSON,
-)
+from romer.core.paths import EVAL_JSON, MODEL_DIR, NOISE_MODEL, PERCENTILES_JSON, PLAN_JSON, PLOTS, PROFILE_JSON
 from romer.core.provenance import provenance, versions
-from romer.evaluation.measure import (
-    mean_ci,
-    paired_reduction,
-    perplexity,
-    routing_report,
-)
+from romer.evaluation.measure import mean_ci, paired_reduction, perplexity, routing_report
 from romer.methods.replacement import make_plan, pairs_by_layer
 from romer.moe.routing import Recorder
-
-METHODS = ("noisy", "replace_only", "calibrate_only", "romer")
 
 
 def _record_routing(exp, windows, plan=None):
