@@ -1,26 +1,40 @@
-"""Numerical modes pinned so that a run gives the same bytes on any x86-64 CPU with AVX2.
+"""Numerical modes pinned so that a run gives the same bytes on any Intel x86-64 CPU with AVX2.
 
-Same-machine reruns were always byte-identical; across machines they were not, because torch,
-MKL, oneDNN and numpy each pick their kernels by the CPU they find (AVX2 or AVX-512, Intel or AMD)
-and by the thread count, and a different kernel sums in a different order. Training amplifies a
-last-bit difference into a different model. So every library is held to the AVX2 code path and
-every stage runs on a fixed number of intra-op threads (`numerics.threads`).
+Same-machine reruns were always byte-identical; across machines they were not, because torch and
+MKL pick their kernels by the CPU they find (AVX2 or AVX-512, Intel or AMD) and MKL's matmul splits
+its sums by thread, and a different kernel sums in a different order. Training amplifies a
+last-bit difference into a different model. So (measured in docs/reproducibility.md):
 
-The environment variables must be set before torch and numpy load their kernels; `import romer`
-does it (romer/__init__.py), and every stage, test and benchmark imports romer first. A variable the
-user set already is kept; `ROMER_NUMERICS=native` skips the pinning altogether (faster on an AVX-512
-CPU, not reproducible elsewhere). docs/reproducibility.md has the measurements behind each pin.
+- torch's own kernels (softmax, norms, reductions, AdamW) run the AVX2 build: ATEN_CPU_CAPABILITY;
+- MKL's matmul (every fp32 nn.Linear, bmm, grouped_mm and attention on CPU) runs its conditional
+  numerical reproducibility path, AVX2 in strict mode, whose result is also independent of the
+  thread count: MKL_CBWR=AVX2,STRICT;
+- numpy's runtime-dispatched SIMD loops (the noise fit) stop at AVX2; its least squares goes
+  through lstsq_exact below instead of LAPACK;
+- oneDNN is capped at AVX2 too (no fp32 op of these models calls it today);
+- every stage runs on `numerics.threads` intra-op threads.
+
+MKL documents its AVX2 mode for Intel CPUs only: on an AMD CPU it falls back to its automatic
+choice, so the matmuls, and so the trained model, differ from Intel's. `MKL_CBWR=COMPATIBLE`, set
+by hand on both machines, is the mode MKL documents for non-Intel CPUs (2-3x slower training,
+thread-count dependent; not verified on AMD here).
+
+The variables must be set before torch and numpy load their kernels; `import romer` does it
+(romer/__init__.py), and every stage, test and benchmark imports romer first. A variable the user
+set already is kept; `ROMER_NUMERICS=native` skips the pinning (faster on an AVX-512 CPU, not
+reproducible elsewhere). Neither is a DVC param: after switching, rerun with `dvc repro --force`.
 """
 
 from __future__ import annotations
 
 import os
 
-# Each: the library's own switch, the value that holds it to the AVX2 code path.
+# Each: the library's own switch and the value that holds it to the AVX2 code path.
 PINS = {
-    "ATEN_CPU_CAPABILITY": "avx2",  # torch's own vectorised kernels (softmax, norms, reductions, ...)
-    "MKL_CBWR": "AVX2,STRICT",  # MKL conditional numerical reproducibility (torch's BLAS: matmul)
-    "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # MKL's other domains (vector math) capped at AVX2
+    "ATEN_CPU_CAPABILITY": "avx2",  # torch's own vectorised kernels
+    "MKL_CBWR": "AVX2,STRICT",  # MKL conditional numerical reproducibility, thread-count independent
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # MKL's other domains capped at AVX2
+    "MKL_DYNAMIC": "FALSE",  # MKL uses the threads it is given (CNR needs a fixed count)
     "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN (mkldnn) kernels
     "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",  # numpy's runtime-dispatched SIMD loops
 }
@@ -43,25 +57,37 @@ def pin_environment() -> None:
         os.environ.setdefault(k, v)
 
 
+def _cpu_has_avx2() -> bool:
+    try:
+        return " avx2" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
 def set_determinism(threads: int | None) -> None:
-    """Runtime part of the pinning: deterministic algorithms and a fixed intra-op thread count."""
+    """Runtime part of the pinning: a fixed intra-op thread count, deterministic algorithms, and a
+    check that the pins are in force (a misspelt variable, or torch imported before romer, would
+    otherwise change the numbers silently)."""
     import torch
+
+    from romer.core.errors import UserError
 
     torch.use_deterministic_algorithms(True, warn_only=True)
     if threads:
         torch.set_num_threads(threads)
+    cap = torch.backends.cpu.get_cpu_capability()
+    if not native() and os.environ.get("ATEN_CPU_CAPABILITY") == "avx2" and _cpu_has_avx2() and cap != "AVX2":
+        raise UserError(f"numerical pins not in force: torch runs its {cap} kernels, not AVX2 (was torch "
+                        "imported before romer?); see romer/core/numerics.py")
 
 
 def modes() -> dict:
-    """The numerical modes in force, for eval.json and MLflow (what a rerun elsewhere must match)."""
+    """The numerical modes that decide the bytes of a result (eval.json, MLflow). The thread count is
+    left out: under MKL's strict mode it does not change them (docs/reproducibility.md)."""
     import torch
 
-    return {
-        "pinned": not native(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": torch.get_num_threads(),
-        "env": {k: os.environ.get(k) for k in PINS},
-    }
+    return {"mode": "native" if native() else "pinned", "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "mkl_cbwr": os.environ.get("MKL_CBWR")}
 
 
 def lstsq_exact(A, b):

@@ -10,6 +10,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from romer.core import numerics
 from romer.core.io import read_json, write_json
 from romer.core.paths import EVAL_JSON, MODEL_DIR, NOISE_MODEL, PERCENTILES_JSON, PLAN_JSON, PLOTS, PROFILE_JSON
 from romer.core.provenance import provenance, versions
@@ -311,6 +312,7 @@ def run_evaluate(params, exp=None, log_mlflow=True) -> dict:
     # What the numbers were made from (identical across reruns of the same commit and environment).
     out["provenance"] = provenance(MODEL_DIR, NOISE_MODEL)
     out["versions"] = versions()
+    out["numerics"] = numerics.modes()
     # Wall time goes to the log and MLflow, not eval.json, which must be identical across reruns.
     wall = time.time() - t0
     print(f"evaluate: {len(e.seeds)} seeds x {len(names)} methods in {wall:.0f} s")

@@ -57,6 +57,7 @@ def provenance_tags(ev: dict) -> dict:
     tags = {k: "unknown" if prov.get(k) is None else str(prov[k])
             for k in ("git_commit", "git_dirty", "model_sha256", "noise_model_sha256")}
     tags.update({f"version.{k}": "none" if v is None else str(v) for k, v in vers.items()})
+    tags.update({f"numerics.{k}": str(v) for k, v in (ev.get("numerics") or {}).items()})
     return tags
 
 
