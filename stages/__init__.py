@@ -1,0 +1,1 @@
+"""DVC stage entry points, one module per stage: run from the repo root as `python -m stages.<name>`."""
