@@ -102,7 +102,6 @@ def test_presets_cli(capsys):
 
 
 def _stage(monkeypatch):
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the stage rewrites sys.path[0]
     spec = importlib.util.spec_from_file_location("fit_noise_stage", ROOT / "stages" / "fit_noise.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
