@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
 
 import romer  # noqa: F401  (before torch: pins the CPU numerical modes)

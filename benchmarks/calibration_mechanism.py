@@ -15,7 +15,6 @@ import argparse
 import json
 
 import romer  # noqa: F401  (before torch: pins the CPU numerical modes)
-import torch
 
 from romer.methods.calibration import compose, make_transform
 from romer.evaluation.measure import perplexity
