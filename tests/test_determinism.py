@@ -4,7 +4,8 @@ The six stages run on a tiny config three times: with the project's numerical pi
 simulated AVX2-only CPU and one thread instead of two; and without the pins (control). The first two
 must give the same bytes in every DVC output. Where the CPU has AVX-512 the control must differ from
 them, or the check could not see a kernel change at all. Where the library versions match, the pinned
-run must also reproduce the committed reference hashes, made on another machine or session.
+run must also reproduce the committed reference hashes, made on another machine or session, on Intel CPUs (MKL documents its AVX2
+reproducible mode for Intel only; on another vendor that part is skipped with the reason).
 """
 
 import json
@@ -32,6 +33,9 @@ def test_outputs_do_not_depend_on_the_cpu(tmp_path):
     if s["native"]["cpu_capability"] == "AVX512":
         assert s["native"]["differing_files"], "unpinned AVX-512 kernels gave the same bytes: the check is blind"
     committed = json.loads(REFERENCE.read_text())
+    if _vendor() != "GenuineIntel":
+        pytest.skip(f"CPU vendor {_vendor()}: MKL's AVX2 reproducible mode is documented for Intel only, so this "
+                    "CPU is expected to differ from the reference (docs/reproducibility.md, 'What still varies')")
     if committed["versions"] != res["versions"]:
         pytest.skip(f"library versions {res['versions']} differ from the reference's {committed['versions']}")
     differ = sorted(k for k in set(committed["reference"]) | set(res["reference"])
@@ -39,3 +43,13 @@ def test_outputs_do_not_depend_on_the_cpu(tmp_path):
     assert not differ, (f"the pinned run on {res['cpu']} differs from the reference made on {committed['cpu']} in "
                         f"{differ}; if a code change moved the figures on purpose, regenerate it: "
                         f"python scripts/check_determinism.py --json {REFERENCE.relative_to(REPO)}")
+
+
+def _vendor() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
