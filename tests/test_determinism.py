@@ -3,9 +3,10 @@
 The six stages run on a tiny config three times: with the project's numerical pins; with the pins on a
 simulated AVX2-only CPU and one thread instead of two; and without the pins (control). The first two
 must give the same bytes in every DVC output. Where the CPU has AVX-512 the control must differ from
-them, or the check could not see a kernel change at all. Where the library versions match, the pinned
-run must also reproduce the committed reference hashes, made on another machine or session, on Intel CPUs (MKL documents its AVX2
-reproducible mode for Intel only; on another vendor that part is skipped with the reason).
+them, or the check could not see a kernel change at all. On an Intel CPU with the reference's library
+versions, the pinned run must also reproduce the committed reference hashes, made on another machine
+or session (MKL documents its AVX2 reproducible mode for Intel only; elsewhere that part is skipped,
+with the reason).
 """
 
 import json
