@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from romer.core.numerics import cpu_info
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("fetch_model", "fit_noise", "profile", "replace", "percentiles", "evaluate")
 OUTPUTS = ("models/model", "noise", "artifacts/percentiles.json", "metrics")  # the DVC outputs
@@ -143,7 +145,7 @@ def main(argv=None):
             shutil.rmtree(root, ignore_errors=True)
 
     ref = runs[args.settings[0]]["outputs"]
-    result = {"cpu": _cpu_model(), "versions": library_versions(), "settings": {}, "reference": ref}
+    result = {"cpu": cpu_info()["model"], "versions": library_versions(), "settings": {}, "reference": ref}
     for name, r in runs.items():
         differ = sorted(k for k in set(ref) | set(r["outputs"]) if ref.get(k) != r["outputs"].get(k))
         result["settings"][name] = {k: v for k, v in r.items() if k != "outputs"} | {"differing_files": differ}
@@ -154,16 +156,6 @@ def main(argv=None):
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     bad = "avx2-cpu" in runs and "pinned" in runs and result["settings"]["avx2-cpu"]["differing_files"]
     return 1 if bad else 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import check_determinism as cd  # noqa: E402
 
+from romer.core.numerics import cpu_info  # noqa: E402
+
 
 @pytest.mark.slow
 def test_outputs_do_not_depend_on_the_cpu(tmp_path):
@@ -34,8 +36,9 @@ def test_outputs_do_not_depend_on_the_cpu(tmp_path):
     if s["native"]["cpu_capability"] == "AVX512":
         assert s["native"]["differing_files"], "unpinned AVX-512 kernels gave the same bytes: the check is blind"
     committed = json.loads(REFERENCE.read_text())
-    if _vendor() != "GenuineIntel":
-        pytest.skip(f"CPU vendor {_vendor()}: MKL's AVX2 reproducible mode is documented for Intel only, so this "
+    vendor = cpu_info()["vendor"]
+    if vendor != "GenuineIntel":
+        pytest.skip(f"CPU vendor {vendor}: MKL's AVX2 reproducible mode is documented for Intel only, so this "
                     "CPU is expected to differ from the reference (docs/reproducibility.md, 'What still varies')")
     if committed["versions"] != res["versions"]:
         pytest.skip(f"library versions {res['versions']} differ from the reference's {committed['versions']}")
@@ -45,12 +48,3 @@ def test_outputs_do_not_depend_on_the_cpu(tmp_path):
                         f"{differ}; if a code change moved the figures on purpose, regenerate it: "
                         f"python scripts/check_determinism.py --json {REFERENCE.relative_to(REPO)}")
 
-
-def _vendor() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from romer.core.numerics import PINS, lstsq_exact, polyval_increasing
+from romer.core.numerics import PINS, cpu_info, lstsq_exact, polyval_increasing
 
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in PINS and k != "ROMER_NUMERICS"}
 
@@ -28,14 +28,7 @@ def test_import_romer_sets_the_pins_but_keeps_the_users_values():
     assert all(v is None for v in got.values())
 
 
-def _has_avx512():
-    try:
-        return "avx512f" in open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _has_avx512(), reason="needs a CPU with AVX-512 (torch would pick AVX2 anyway)")
+@pytest.mark.skipif("avx512f" not in cpu_info()["flags"], reason="needs a CPU with AVX-512 (torch would pick AVX2 anyway)")
 def test_a_stage_refuses_to_run_when_torch_chose_its_kernels_first():
     ok = _py("import romer, torch; from romer.core.numerics import set_determinism; set_determinism(1); "
              "print(torch.backends.cpu.get_cpu_capability())")

@@ -57,11 +57,19 @@ def pin_environment() -> None:
         os.environ.setdefault(k, v)
 
 
-def _cpu_has_avx2() -> bool:
+def cpu_info() -> dict:
+    """The first CPU's `vendor_id`, `model name` and `flags` from /proc/cpuinfo (empty off Linux)."""
+    info = {}
     try:
-        return " avx2" in open("/proc/cpuinfo").read()
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("vendor_id", "model name", "flags") and key not in info:
+                info[key] = value.strip()
     except OSError:
-        return False
+        pass
+    return {"vendor": info.get("vendor_id", "unknown"), "model": info.get("model name", "unknown"),
+            "flags": set(info.get("flags", "").split())}
 
 
 def set_determinism(threads: int | None) -> None:
@@ -76,7 +84,7 @@ def set_determinism(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
     cap = torch.backends.cpu.get_cpu_capability()
-    if not native() and os.environ.get("ATEN_CPU_CAPABILITY") == "avx2" and _cpu_has_avx2() and cap != "AVX2":
+    if not native() and os.environ.get("ATEN_CPU_CAPABILITY") == "avx2" and "avx2" in cpu_info()["flags"] and cap != "AVX2":
         raise UserError(f"numerical pins not in force: torch runs its {cap} kernels, not AVX2 (was torch "
                         "imported before romer?); see romer/core/numerics.py")
 

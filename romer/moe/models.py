@@ -4,11 +4,11 @@
 `source.json` pointer for local and hub models (so DVC does not copy 30 GB of weights). Weights
 load from safetensors only.
 
-A local directory's pointer carries the sha256 of its model files (romer.core.provenance), so a
-change of the weights changes the fetch_model output and reruns every later stage. DVC cannot see a
-directory it does not track, so the hash is also pinned in params.yaml as `model.revision` (as a hub
-model pins its commit): fetch_model refuses weights that do not match the pin, and every load through
-the pointer refuses weights that changed after fetch_model recorded them.
+A local directory's pointer carries the sha256 of its model files (romer.core.provenance). DVC cannot
+see a directory it does not track, so the hash is pinned in params.yaml as `model.revision` (as a hub
+model pins its commit): changing the pin reruns fetch_model and every later stage, fetch_model refuses
+weights that do not match it, and every load through the pointer refuses weights that changed after
+fetch_model recorded them.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 One run per `evaluate`: the flattened params.yaml as params, eval.json flattened with dots as metrics
 (`ppl.romer.mean`), the noise model, plots and replacement plan as artifacts, and tags: model, noise
-source, dataset and eval.json's provenance (git commit, git dirty, sha256 of the model and of the noise
-model, library versions as `version.<lib>`). If MLflow cannot be reached the stage still succeeds (its
-DVC metrics are written first); it warns once and `romer mlflow-log` logs the committed metrics later.
+source, dataset, eval.json's provenance (sha256 of the model and of the noise model), library versions
+as `version.<lib>`, numerical modes as `numerics.<key>`, and the checkout's git commit and git_dirty.
+If MLflow cannot be reached the stage still succeeds (its DVC metrics are written first); it warns
+once and `romer mlflow-log` logs the committed metrics later.
 """
 
 from __future__ import annotations
