@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from romer.core.numerics import cpu_info
+from romer.core.numerics import PINS, cpu_info
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("fetch_model", "fit_noise", "profile", "replace", "percentiles", "evaluate")
@@ -51,8 +51,7 @@ SETTINGS = {
     "avx2-cpu": ({"GLIBC_TUNABLES": NO_AVX512, "MKL_ENABLE_INSTRUCTIONS": "AVX2"}, 1),
     "native": ({"ROMER_NUMERICS": "native"}, 2),
 }
-PIN_VARS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
-            "NPY_DISABLE_CPU_FEATURES", "ROMER_NUMERICS", "GLIBC_TUNABLES")
+PIN_VARS = (*PINS, "ROMER_NUMERICS", "GLIBC_TUNABLES")  # each setting starts from none of them
 
 
 def _merge(base, over):
