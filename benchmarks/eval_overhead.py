@@ -4,7 +4,10 @@ Measures on the same model and the same tokens:
   (a) a plain forward loop (no hooks, no noise): tokens/s;
   (b) the project's evaluation path for one method (ROMER: noise applied, replacement routing and
       percentile calibration hooks active, next-token NLL and the routing recorder): tokens/s;
-  (c) one noise pass plus one restore of the clean weights: seconds.
+  (c) one noise pass plus one restore of the clean weights: seconds, against the RNG floor (the time
+      torch takes to draw the pass's normals, 3 per conductance, 2 conductances per weight);
+  (d) the evaluation path of (b) with the periphery (--periphery, default aihwkit-io-default) on
+      every analog matmul: tokens/s and its ratio to the plain forward.
 Warm-up, then the median of --repeats. With --json the last line is one JSON object.
 
   python benchmarks/eval_overhead.py                       # builtin model if trained, else tiny random
@@ -26,6 +29,7 @@ import torch
 from romer.moe.adapters import analog_tensors, get_adapter
 from romer.methods.calibration import make_transform
 from romer.cim.mapping import AnalogWeights
+from romer.cim.periphery import Periphery, periphery_config
 from romer.evaluation.measure import nll_pass
 from romer.pipeline.experiment import Experiment
 from romer.cim.sources import resolve_noise_model
@@ -85,6 +89,7 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, default=4, help="batches per timed pass")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--noise", default="pcm-joshi2020")
+    ap.add_argument("--periphery", default="aihwkit-io-default", help="periphery preset of (d)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on cuda, fp32 on cpu")
     ap.add_argument("--experts-impl", default="grouped_mm", choices=["grouped_mm", "eager", "batched_mm"])
     ap.add_argument("--json", action="store_true")
@@ -126,15 +131,20 @@ def main(argv=None):
 
     # (c) noise pass + restore (the clean copy lives on the CPU, pinned on CUDA)
     t0 = time.perf_counter()
-    weights = AnalogWeights(analog_tensors(model, adapter, ANALOG_KINDS), noise_model)
+    pcfg = periphery_config(args.periphery)
+    weights = AnalogWeights(analog_tensors(model, adapter, ANALOG_KINDS), noise_model, tile=(512, 512),
+                            weight_scaling=pcfg.weight_scaling)
     t_setup = time.perf_counter() - t0
     plan = make_plan({b.layer: torch.linspace(0.001, 2, E).softmax(0).tolist() for b in blocks}, 0.25, 2, "copy_router")
     edit = weight_edit(plan)
-    t_noise = timed(lambda: weights.apply(seed=1, scale=1.0, t_inference_s=25.0, edit=edit), args.device, args.repeats)
+    t_noise = timed(lambda: weights.apply(seed=1, t_inference_s=86400.0, edit=edit), args.device, args.repeats)
     t_restore = timed(weights.restore, args.device, args.repeats)
+    n_normals = 6 * sum(r.tensor.numel() for r in weights.records)
+    gen = torch.Generator(device=args.device).manual_seed(0)
+    t_rng = timed(lambda: torch.randn(n_normals, generator=gen, device=args.device), args.device, args.repeats)
 
     # (b) evaluation path: ROMER state + hooks + NLL + routing recorder
-    weights.apply(seed=1, scale=1.0, t_inference_s=25.0, edit=edit)
+    weights.apply(seed=1, t_inference_s=86400.0, edit=edit)
     fns = {b.layer: routing_fns([(p["slot"], p["source"]) for p in plan["layers"][str(b.layer)]], "copy_router", E)
            for b in blocks}
     a, b_ = torch.ones(E, dtype=torch.float64) * 1.01, torch.zeros(E, dtype=torch.float64)
@@ -144,6 +154,12 @@ def main(argv=None):
         nll_pass(model, adapter, windows, args.batch, args.device, rplan, Recorder(indices=True))
 
     t_eval = timed(eval_path, args.device, args.repeats)
+    periphery = Periphery(weights, pcfg).install(model)
+    periphery.reseed(1)
+    periphery.enabled = not pcfg.ideal
+    t_eval_p = timed(eval_path, args.device, args.repeats)
+    periphery.enabled = False
+    periphery.remove()
     weights.restore()
 
     res = {
@@ -160,6 +176,11 @@ def main(argv=None):
         "eval_tokens_per_s": n_tokens / t_eval,
         "eval_vs_forward_ratio": t_plain / t_eval,
         "noise_pass_s": t_noise,
+        "rng_floor_s": t_rng,
+        "noise_pass_vs_rng_floor": t_noise / t_rng,
+        "periphery": pcfg.name,
+        "eval_periphery_tokens_per_s": n_tokens / t_eval_p,
+        "eval_periphery_vs_forward_ratio": t_plain / t_eval_p,
         "restore_s": t_restore,
         "clean_copy_setup_s": t_setup,
         "eval_set_tokens": eval_set_tokens,

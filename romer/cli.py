@@ -33,6 +33,12 @@ def _cmd_fit_noise(args):
     fit_noise_cli(args.csv, args.output, degree=args.degree, plot=args.plot)
 
 
+def _cmd_noise_stats(args):
+    from romer.cim.stats import noise_stats_cli
+
+    noise_stats_cli(args)
+
+
 def _cmd_presets(args):
     from romer.cim.noise_models import presets_cli
 
@@ -62,6 +68,25 @@ def build_parser():
     s.add_argument("--degree", type=int, default=2, help="degree of the sigma(g) polynomial")
     s.add_argument("--plot", default=None, help="write a PNG of the fit")
     s.set_defaults(fn=_cmd_fit_noise)
+
+    s = sub.add_parser("noise-stats", help="what the simulated arrays do to a seeded N(0,1) matrix (docs/noise.md)")
+    s.add_argument("--noise", required=True,
+                   help="noise source: a preset (romer presets), a noise-model .json, measurement CSV(s)/glob, or 'none'")
+    s.add_argument("--degree", type=int, default=2, help="sigma(g) polynomial degree when fitting CSVs")
+    s.add_argument("--t-inference-s", type=float, default=25.0, help="read time after programming, s (default 25)")
+    s.add_argument("--periphery", default=None, help="periphery preset: ideal, aihwkit-io-default, aihwkit-hwa")
+    s.add_argument("--rows", type=int, default=512, help="matrix outputs (default 512)")
+    s.add_argument("--cols", type=int, default=512, help="matrix inputs (default 512)")
+    s.add_argument("--tile", default=None, help="array size ROWSxCOLS (inputs x outputs), e.g. 256x256 (default: one array)")
+    s.add_argument("--weight-scaling", choices=["row", "tile"], default=None,
+                   help="abs-max per output row or per array (default: the periphery preset's, else row)")
+    s.add_argument("--prog-scale", type=float, default=1.0, help="programming-noise scale (default 1)")
+    s.add_argument("--read-scale", type=float, default=1.0, help="read-noise scale (default 1)")
+    s.add_argument("--drift-scale", type=float, default=1.0, help="drift-exponent scale (default 1)")
+    s.add_argument("--no-drift-compensation", action="store_true", help="switch global drift compensation off")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(fn=_cmd_noise_stats)
 
     s = sub.add_parser("presets", help="list the literature noise models")
     s.add_argument("--json", action="store_true")

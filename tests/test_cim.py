@@ -35,7 +35,7 @@ def test_same_seed_bit_identical_different_seed_differs():
     torch.manual_seed(0)
     a = torch.randn(16, 64, 48)
     b = torch.randn(40, 48, dtype=torch.bfloat16)
-    aw = AnalogWeights([AT("e", "routed_experts", a), AT("l", "attention", b)], PCM, tile_rows=16, levels=64)
+    aw = AnalogWeights([AT("e", "routed_experts", a), AT("l", "attention", b)], PCM, tile=(16, 64), levels=64)
     aw.apply(3)
     a1, b1 = a.clone(), b.clone()
     aw.apply(3)
@@ -97,7 +97,7 @@ def test_programming_plus_read_noise_std_matches_model():
     nm = NoiseModel(name="pr", kind="json", g_max=25.0, prog_coeffs=[0.3, 0.5], clip_at_zero=False,
                     read=read, t0=1.0)
     w = probe_tensor()
-    AnalogWeights([AT("w", "attention", w)], nm).apply(5, scale=2.0, t_inference_s=10.0)
+    AnalogWeights([AT("w", "attention", w)], nm).apply(5, prog_scale=2.0, read_scale=2.0, t_inference_s=10.0)
     d = w - probe_tensor()
     for j, x in enumerate(LEVELS):
         g = torch.tensor(x * 25.0)
@@ -113,7 +113,7 @@ def test_gaussian_fraction_is_std_over_row_wmax_per_tile():
     w[:, :, :8] *= 10.0  # tile 0 has a 10x larger abs-max than tile 1
     w[1] *= 0.01  # expert 1 is 100x smaller
     clean = w.clone()
-    AnalogWeights([AT("e", "routed_experts", w)], gaussian(0.05), tile_rows=8).apply(0)
+    AnalogWeights([AT("e", "routed_experts", w)], gaussian(0.05), tile=(8, 2000)).apply(0)
     d = w - clean
     for e in range(4):
         for sl in (slice(0, 8), slice(8, 16)):
@@ -140,21 +140,74 @@ def test_quantisation_levels_and_zero_rows():
     assert torch.equal(w[3], torch.zeros(40))
 
 
+def mean_drift_model(nu0=0.1, nu1=0.05):
+    """PCM programming and read laws, but a deterministic drift exponent: nu = nu0 + (nu1 - nu0) g/g_max, std 0."""
+    return NoiseModel(name="mean-drift", kind="json", g_max=25.0, prog_coeffs=list(PCM.prog_coeffs),
+                      drift={"law": "table", "g_uS": [0.0, 25.0], "mean": [nu0, nu1], "std": [0.0, 0.0]}, t0=20.0,
+                      read={"law": "pcm", "t_read_s": 250e-9})
+
+
 def test_drift_mean_and_global_compensation():
     w = probe_tensor(4000)
     clean = w.clone()
-    aw = AnalogWeights([AT("w", "routed_experts", w)], PCM)
+    w_max = clean.abs().amax(-1)[None, :, None]  # [M, out, n_input_arrays]
+    aw = AnalogWeights([AT("w", "routed_experts", w)], mean_drift_model())
     t = 3600.0
-    aw.apply(0, scale=0.0, t_inference_s=t, drift_compensation=False)  # mean drift only
-    mean_nu, _ = PCM.drift_nu(torch.tensor(LEVELS) * 25.0)
-    assert torch.allclose(w[0, 1:1 + len(LEVELS)], torch.tensor(LEVELS) * (t / 20.0) ** (-mean_nu), rtol=1e-5)
-    assert torch.allclose(w[0, 0], torch.tensor((t / 20.0) ** (-0.049)), rtol=1e-5)
-    aw.apply(0, scale=0.0, t_inference_s=t, drift_compensation=True)
-    assert abs(float(w.abs().sum() / clean.abs().sum()) - 1) < 1e-5  # mean |G| restored
-    aw.apply(0, scale=0.0, t_inference_s=10.0, drift_compensation=False)  # t < t0: no drift
+    quiet = dict(prog_scale=0.0, read_scale=0.0)  # no random noise: the mean drift only
+
+    def drifted(x, drift_scale=1.0):
+        return x * (t / 20.0) ** (-drift_scale * (0.1 - 0.05 * x))
+
+    expected = torch.tensor([drifted(x) for x in LEVELS])
+    aw.apply(0, **quiet, t_inference_s=t, drift_compensation=False)
+    assert torch.allclose(w[:, 1:1 + len(LEVELS)], expected.expand(4000, -1), rtol=1e-5)
+    assert torch.allclose(w[:, 1 + len(LEVELS):], -expected.expand(4000, -1), rtol=1e-5)
+    assert torch.allclose(w[:, 0], torch.tensor(drifted(1.0)), rtol=1e-5)
+    assert torch.allclose(aw.scale("w"), w_max)  # uncompensated: alpha 1
+    uncompensated = w.clone()
+
+    aw.apply(0, **quiet, t_inference_s=t, drift_compensation=True)
+    assert abs(float(w.abs().sum() / clean.abs().sum()) - 1) < 1e-5  # mean |W| restored
+    alpha = float(clean.abs().sum() / uncompensated.abs().sum())
+    assert alpha > 1.2
+    assert torch.allclose(w, alpha * uncompensated, rtol=1e-5)
+    assert torch.allclose(aw.scale("w"), alpha * w_max, rtol=1e-5)
+
+    # drift_scale multiplies nu itself; 0 switches the drift off
+    aw.apply(0, **quiet, drift_scale=2.0, t_inference_s=t, drift_compensation=False)
+    assert torch.allclose(w[0, 1:1 + len(LEVELS)], torch.tensor([drifted(x, 2.0) for x in LEVELS]), rtol=1e-5)
+    aw.apply(0, **quiet, drift_scale=0.0, t_inference_s=t, drift_compensation=False)
     assert torch.allclose(w, clean, atol=1e-6)
-    aw.apply(0, scale=1.0, t_inference_s=t)
-    assert abs(float(w.abs().sum() / clean.abs().sum()) - 1) < 0.01
+    aw.apply(0, **quiet, t_inference_s=10.0, drift_compensation=False)  # t < t0: no drift
+    assert torch.allclose(w, clean, atol=1e-6)
+
+    # the full PCM law (random nu, programming and read noise): compensation still restores mean |W|
+    w2 = probe_tensor(4000)
+    aw2 = AnalogWeights([AT("w", "routed_experts", w2)], PCM)
+    aw2.apply(0, t_inference_s=t, drift_compensation=False)
+    assert float(w2.abs().sum() / clean.abs().sum()) < 0.85  # drift shrinks the weights
+    aw2.apply(0, t_inference_s=t)
+    assert abs(float(w2.abs().sum() / clean.abs().sum()) - 1) < 0.01
+
+
+def test_drift_exponent_is_folded_and_drift_scale_multiplies_it():
+    """nu = |N(mean, std)| * drift_scale (aihwkit): with mean 0 nu is half-normal, no weight ever grows."""
+    nm = NoiseModel(name="fold", kind="json", g_max=25.0, prog_coeffs=[0.0],
+                    drift={"law": "table", "g_uS": [0.0, 25.0], "mean": [0.0, 0.0], "std": [0.05, 0.05]}, t0=20.0)
+    w = probe_tensor(8000)
+    aw = AnalogWeights([AT("w", "routed_experts", w)], nm)
+    t = 1e6
+    col, x = 1 + 2, LEVELS[2]
+
+    def nus():
+        return -torch.log(w[:, col] / x) / math.log(t / 20.0)  # each device's exponent, from its drift
+
+    aw.apply(0, t_inference_s=t, drift_compensation=False)
+    nu1 = nus()
+    assert float(nu1.min()) >= -1e-6
+    assert abs(float(nu1.mean()) / (0.05 * math.sqrt(2 / math.pi)) - 1) < 0.05
+    aw.apply(0, drift_scale=2.0, t_inference_s=t, drift_compensation=False)
+    assert torch.allclose(nus(), 2 * nu1, rtol=1e-3, atol=1e-6)  # the same draws, doubled
 
 
 def test_edit_replaces_a_slot_with_a_fresh_draw():
@@ -165,7 +218,7 @@ def test_edit_replaces_a_slot_with_a_fresh_draw():
     def edit(rec):
         rec.tensor[2].copy_(aw.clean(rec.name)[0])
 
-    aw.apply(9, scale=0.0, edit=edit)
+    aw.apply(9, prog_scale=0.0, read_scale=0.0, edit=edit)
     assert torch.allclose(e[2], aw.clean("experts")[0], atol=1e-6)
     aw.apply(9, edit=edit)
     n0 = e[0] - aw.clean("experts")[0]
@@ -183,7 +236,7 @@ def test_blocks_of_matrices_and_non_contiguous_tensors(monkeypatch):
     monkeypatch.setattr(cim, "CHUNK_ELEMENTS", 1000)  # one [20, 30] matrix per block
     torch.manual_seed(6)
     e = torch.randn(8, 20, 30)
-    aw = AnalogWeights([AT("e", "routed_experts", e)], PCM, tile_rows=7)
+    aw = AnalogWeights([AT("e", "routed_experts", e)], PCM, tile=(7, 6))  # padded arrays both ways
     aw.apply(1, t_inference_s=1e4)
     e1 = e.clone()
     aw.apply(1, t_inference_s=1e4)
@@ -210,16 +263,32 @@ def test_rejects_bad_inputs():
         AnalogWeights([AT("b", "attention", torch.zeros(4))], PCM)
     with pytest.raises(ValueError, match="duplicate"):
         AnalogWeights([AT("a", "x", torch.zeros(2, 2)), AT("a", "x", torch.zeros(2, 2))], PCM)
-    aw = AnalogWeights([AT("a", "x", torch.zeros(2, 2))], PCM)
-    with pytest.raises(ValueError, match="scale"):
-        aw.apply(0, scale=-1.0)
+    with pytest.raises(ValueError, match="floating point"):
+        AnalogWeights([AT("i", "attention", torch.zeros(2, 2, dtype=torch.int64))], PCM)
+    for tile in ((0, 4), (4,), (4, 4, 4)):
+        with pytest.raises(ValueError, match="tile"):
+            AnalogWeights([AT("a", "x", torch.zeros(2, 2))], PCM, tile=tile)
+    with pytest.raises(ValueError, match="weight_scaling"):
+        AnalogWeights([AT("a", "x", torch.zeros(2, 2))], PCM, weight_scaling="column")
+    with pytest.raises(ValueError, match="levels"):
+        AnalogWeights([AT("a", "x", torch.zeros(2, 2))], PCM, levels=1)
+    a = torch.ones(2, 2)
+    aw = AnalogWeights([AT("a", "x", a)], PCM)
+    for kw, needle in (({"prog_scale": -1.0}, "prog_scale"), ({"read_scale": math.nan}, "read_scale"),
+                       ({"drift_scale": math.inf}, "drift_scale"), ({"t_inference_s": 0.0}, "t_inference_s"),
+                       ({"t_inference_s": math.inf}, "t_inference_s")):
+        with pytest.raises(ValueError, match=needle):
+            aw.apply(0, **kw)
+        assert torch.equal(a, torch.ones(2, 2))  # rejected before touching the weights
+    with pytest.raises(TypeError):
+        aw.apply(0, scale=1.0)  # the old single scale is gone
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_pinned_copy_and_determinism():
     w = torch.randn(8, 256, 128, device="cuda", dtype=torch.bfloat16)
     clean = w.clone()
-    aw = AnalogWeights([AT("e", "routed_experts", w)], PCM, tile_rows=64)
+    aw = AnalogWeights([AT("e", "routed_experts", w)], PCM, tile=(64, 64))
     assert aw.clean("e").is_pinned() and aw.clean("e").device.type == "cpu"
     aw.apply(1)
     w1 = w.clone()

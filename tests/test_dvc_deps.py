@@ -96,3 +96,35 @@ def test_closure_sees_function_level_imports():
     files = {str(f.relative_to(ROOT)) for f in import_closure(ROOT / "stages" / "fetch_model.py")}
     assert "romer/moe/models.py" in files  # imported inside run_fetch_model only
     assert "romer/__init__.py" in files and "romer/core/numerics.py" in files
+
+
+def _missing_params(stage, params: dict) -> list:
+    missing = []
+    for p in stage.get("params") or []:
+        keys = [p] if isinstance(p, str) else [k for f, ks in p.items() if f == "params.yaml" for k in ks]
+        for key in keys:
+            d = params
+            for part in key.split("."):
+                if not isinstance(d, dict) or part not in d:
+                    missing.append(key)
+                    break
+                d = d[part]
+    return missing
+
+
+@pytest.mark.parametrize("name,stage,wdir", STAGES, ids=[s[0] for s in STAGES])
+def test_stage_params_exist_in_params_yaml(name, stage, wdir):
+    """A params key that params.yaml lacks makes `dvc repro` fail (missing params) and hides the keys
+    that replaced it from the stage's change detection."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    missing = _missing_params(stage, params)
+    assert not missing, f"{name}: params not in params.yaml: {missing}"
+
+
+def test_noise_strength_params_rerun_the_noisy_stages():
+    """Every noisy stage depends on the noise strengths (they replaced noise.scale)."""
+    for name, stage, _ in STAGES:
+        declared = [p for p in stage.get("params") or [] if isinstance(p, str)]
+        if "noise.t_inference_s" in declared:  # a stage that reads noisy weights
+            for key in ("noise.prog_scale", "noise.read_scale", "noise.drift_scale"):
+                assert key in declared or "noise" in declared, f"{name}: {key} is not a param dep"

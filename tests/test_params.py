@@ -42,8 +42,15 @@ def test_committed_params_are_valid():
 @pytest.mark.parametrize("over, needle", [
     ({"noise.scle": 1.0}, "unknown key 'noise.scle'"),
     ({"evaluate": {"seeds": [0]}}, "unknown key 'evaluate'"),
-    ({"noise.scale": "big"}, "key 'noise.scale'"),
-    ({"noise.scale": -1}, "key 'noise.scale'"),
+    ({"noise.prog_scale": "big"}, "key 'noise.prog_scale'"),
+    ({"noise.prog_scale": -1}, "key 'noise.prog_scale'"),
+    ({"noise.read_scale": -0.5}, "key 'noise.read_scale'"),
+    ({"noise.read_scale": float("nan")}, "key 'noise.read_scale'"),
+    ({"noise.drift_scale": float("inf")}, "key 'noise.drift_scale'"),
+    ({"noise.drift_scale": -1}, "key 'noise.drift_scale'"),
+    ({"noise.t_inference_s": 0}, "key 'noise.t_inference_s'"),
+    ({"noise.t_inference_s": float("inf")}, "key 'noise.t_inference_s'"),
+    ({"noise.scale": 10.0}, "unknown key 'noise.scale'"),  # the old single scale is gone
     ({"replace.tau": -0.1}, "key 'replace.tau'"),
     ({"replace.strategy": "clone"}, "key 'replace.strategy'"),
     ({"calibrate.percentiles": [95, 5]}, "lo < hi"),
@@ -56,7 +63,26 @@ def test_committed_params_are_valid():
     ({"cim.analog": ["experts"]}, "unknown analog kind"),
     ({"cim.analog": ["router", "router"]}, "must not repeat"),
     ({"cim.levels": 1}, "key 'cim.levels'"),
-    ({"cim.tile_rows": 0}, "key 'cim.tile_rows'"),
+    ({"cim.tile_rows": 64}, "unknown key 'cim.tile_rows'"),  # now cim.tile: [rows, cols]
+    ({"cim.tile": [0, 512]}, "key 'cim.tile'"),
+    ({"cim.tile": [512]}, "key 'cim.tile'"),
+    ({"cim.tile": [512, 512, 512]}, "key 'cim.tile'"),
+    ({"cim.tile": 512}, "key 'cim.tile'"),
+    ({"cim.weight_scaling": "column"}, "key 'cim.weight_scaling'"),
+    ({"cim.periphery.preset": "perfect"}, "key 'cim.periphery.preset'"),
+    ({"cim.periphery.inp_res": 1.0}, "key 'cim.periphery.inp_res'"),
+    ({"cim.periphery.out_res": -0.1}, "key 'cim.periphery.out_res'"),
+    ({"cim.periphery.inp_bound": 0}, "key 'cim.periphery.inp_bound'"),
+    ({"cim.periphery.out_noise": float("nan")}, "key 'cim.periphery.out_noise'"),
+    ({"cim.periphery.noise_management": "max"}, "key 'cim.periphery.noise_management'"),
+    ({"cim.periphery.bound_management": "always"}, "key 'cim.periphery.bound_management'"),
+    ({"cim.periphery.adc_bits": 8}, "unknown key 'cim.periphery.adc_bits'"),
+    ({"cim.variation.stuck_frac": 1.5}, "key 'cim.variation.stuck_frac'"),
+    ({"cim.variation.sigma_spread": -0.1}, "key 'cim.variation.sigma_spread'"),
+    ({"cim.variation.gain_std": float("inf")}, "key 'cim.variation.gain_std'"),
+    ({"cim.variation.spread": 0.1}, "unknown key 'cim.variation.spread'"),
+    ({"beyond.drift_scale": 3}, "unknown key 'beyond.drift_scale'"),  # the drift run uses noise.drift_scale
+    ({"beyond.scales": [1, 0]}, "key 'beyond.scales'"),
     ({"model.trust_remote_code": "maybe"}, "key 'model.trust_remote_code'"),
     ({"model.dtype": "int8"}, "key 'model.dtype'"),
     ({"eval.seq_len": 2}, "key 'eval.seq_len'"),
@@ -89,7 +115,7 @@ def run_stage(tmp_path, stage):
 
 @pytest.mark.parametrize("over, needle", [
     ({"noise.scael": 2}, "unknown key 'noise.scael'"),
-    ({"noise.scale": -3}, "key 'noise.scale'"),
+    ({"noise.prog_scale": -3}, "key 'noise.prog_scale'"),
     ({"noise.source": "data/chip/missing.csv"}, "data/chip/missing.csv"),
 ])
 def test_fit_noise_stage_stops_cleanly(tmp_path, over, needle):
@@ -107,6 +133,45 @@ def test_every_stage_validates_params_first(tmp_path):
         r = run_stage(tmp_path, stage)
         assert r.returncode == 2, (stage, r.stderr[-500:])
         assert "lo < hi" in r.stderr and "Traceback" not in r.stderr, stage
+
+
+def test_noise_and_cim_params_defaults_overrides_and_label():
+    import json
+
+    from romer.cim.mapping import ArrayVariation
+    from romer.cim.periphery import PRESETS, periphery_config
+    from romer.core.params import Params
+    from romer.pipeline.experiment import noise_label, with_strength
+
+    p = Params()
+    n = p.noise
+    assert (n.prog_scale, n.read_scale, n.drift_scale, n.t_inference_s) == (1.0, 1.0, 1.0, 86400.0)
+    assert p.cim.tile == [512, 512] and p.cim.weight_scaling is None
+    assert p.cim.periphery.preset == "aihwkit-io-default" and p.cim.periphery.overrides() == {}
+    assert not ArrayVariation(**p.cim.variation.model_dump()).active  # variation off by default
+    assert p.beyond.scales == [0.5, 1, 2, 3, 4, 6]
+
+    q = Params.model_validate({"cim": {"tile": None, "weight_scaling": "row", "periphery": {
+        "preset": "aihwkit-hwa", "out_noise": 0.0, "out_bound": 8, "bound_management": "iterative"}}})
+    assert q.cim.tile is None and q.cim.weight_scaling == "row"
+    assert q.cim.periphery.overrides() == {"out_noise": 0.0, "out_bound": 8.0, "bound_management": "iterative"}
+    cfg = periphery_config(q.cim.periphery.preset, **q.cim.periphery.overrides())
+    assert (cfg.out_noise, cfg.out_bound, cfg.bound_management) == (0.0, 8.0, "iterative")
+    assert cfg.w_noise == PRESETS["aihwkit-hwa"].w_noise and cfg.name == "aihwkit-hwa+custom"
+    assert periphery_config("aihwkit-hwa") is PRESETS["aihwkit-hwa"]
+    with pytest.raises(ValueError, match="unknown periphery preset"):
+        periphery_config("perfect")
+
+    lab = noise_label(p, 2.0)
+    assert set(lab) == {"source", "prog_scale", "read_scale", "drift_scale", "strength", "t_inference_s",
+                        "drift_compensation", "analog", "tile", "weight_scaling", "periphery", "variation"}
+    assert (lab["prog_scale"], lab["read_scale"], lab["drift_scale"], lab["strength"]) == (2.0, 2.0, 1.0, 2.0)
+    assert lab["periphery"]["preset"] == "aihwkit-io-default" and lab["tile"] == [512, 512]
+    assert json.loads(json.dumps(lab)) == lab  # eval.json material
+    assert noise_label(p) != noise_label(q)  # a cim change is a different label (architectures' check)
+    s = with_strength(p, 3.0)
+    assert (s.noise.prog_scale, s.noise.read_scale, s.noise.drift_scale) == (3.0, 3.0, 1.0)
+    assert p.noise.prog_scale == 1.0  # the original is not modified
 
 
 def test_device_map_and_family_params(tmp_path):

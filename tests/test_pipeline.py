@@ -22,7 +22,7 @@ TINY = {
     "builtin": {"max_chars": 300_000, "vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_heads": 2,
                 "num_experts": 8, "top_k": 2, "intermediate_size": 64, "seq_len": 64, "batch_size": 8,
                 "steps": 30, "warmup_steps": 5, "eval_windows": 4},
-    "noise": {"source": "pcm-joshi2020", "scale": 8.0},
+    "noise": {"source": "pcm-joshi2020", "prog_scale": 3.0, "read_scale": 3.0},
     "calib": {"n_seqs": 8, "seq_len": 64, "batch_size": 8, "seeds": [100]},
     "eval": {"seq_len": 64, "max_tokens": 2048, "seeds": [0, 1], "tasks": ["builtin_cloze"], "task_limit": 16},
 }
@@ -83,6 +83,9 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
         s = ev["ppl"][m]
         assert len(s["per_seed"]) == 2 and s["ci95"][0] <= s["mean"] <= s["ci95"][1]
     assert ev["ppl"]["clean"] > 1
+    assert ev["noise"]["source"] == "pcm-joshi2020" and ev["noise"]["prog_scale"] == ev["noise"]["read_scale"] == 3.0
+    assert ev["noise"]["drift_scale"] == 1.0 and ev["noise"]["t_inference_s"] == 86400.0
+    assert ev["noise"]["tile"] == [512, 512] and ev["noise"]["periphery"]["preset"] == "aihwkit-io-default"
     assert {"hetero_digital_12p5pct", "hetero_digital_25pct", "romer_expected"} <= set(ev["ppl"])
     assert set(ev["load_balance"]) >= {"clean", "noisy", "romer"}
     assert "builtin_cloze" in ev["tasks"]
@@ -130,8 +133,8 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
     # Sweeps through DVC's experiment queue: two queued experiments, run by a queue worker.
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], tmp_path)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "base"], tmp_path)
-    for scale in ("2", "16"):
-        run(["dvc", "exp", "run", "--queue", "-S", f"noise.scale={scale}", "-S", "eval.tasks=[]"], tmp_path)
+    for scale in ("2", "4"):
+        run(["dvc", "exp", "run", "--queue", "-S", f"noise.prog_scale={scale}", "-S", "eval.tasks=[]"], tmp_path)
     run(["dvc", "queue", "start", "--jobs", "1"], tmp_path)
     deadline = time.time() + 1200
     while time.time() < deadline:
@@ -148,21 +151,25 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
             for rev in exp.get("revs", []):
                 p = rev.get("data", {}).get("params", {}).get("params.yaml", {}).get("data", {})
                 if p:
-                    scales.add(p["noise"]["scale"])
-    assert {2, 16} <= scales, scales
+                    scales.add(p["noise"]["prog_scale"])
+    assert {2, 4} <= scales, scales
 
     # The beyond-the-paper pipeline on the same tiny model: a sweep point, the drift curve, two other
     # families trained with the tiny recipe, the architectures table and the report.
     set_params(tmp_path, {"eval": {"tasks": []}, "beyond": {
-        "scales": [4], "drift_times_s": [3600], "drift_scale": 3,
+        "scales": [4], "drift_times_s": [3600],
         "families": {"qwen2_moe": {"family": "qwen2_moe", "shared_experts": 1},
                      "deepseek_v3": {"family": "deepseek_v3", "shared_experts": 1, "n_group": 2, "topk_group": 1}}}})
     run(["dvc", "repro", "dvc.yaml"], tmp_path, timeout=900)  # eval.tasks changed: evaluate reruns
     run(["dvc", "repro", "beyond/dvc.yaml"], tmp_path, timeout=1200)
     sweep = json.loads((tmp_path / "metrics/sweep.json").read_text())
     assert sweep["scale"] == [4.0] and len(sweep["noisy"]) == len(sweep["romer"]) == 1
+    point = json.loads((tmp_path / "metrics/sweep/scale_4.json").read_text())["noise"]
+    assert point["strength"] == 4.0 and point["prog_scale"] == point["read_scale"] == 12.0  # 4 x noise.*_scale
+    assert point["drift_scale"] == 1.0
     drift = json.loads((tmp_path / "metrics/drift.json").read_text())
-    assert drift["t_s"] == [3600.0] and drift["noise"]["scale"] == 3.0
+    assert drift["t_s"] == [3600.0] and drift["noise"]["prog_scale"] == 3.0 and drift["noise"]["drift_scale"] == 1.0
+    assert drift["noise"]["strength"] == 1.0 and drift["noise"]["periphery"]["preset"] == "aihwkit-io-default"
     assert all(len(drift[k]) == 1 for k in ("noisy", "romer", "romer_recalibrated"))
     arch = json.loads((tmp_path / "metrics/architectures.json").read_text())
     assert list(arch) == ["olmoe", "qwen2_moe", "deepseek_v3"]

@@ -95,7 +95,7 @@ def setup(tmp_path_factory):
     text = play_text()
     (corpus / "play.txt").write_text(text)
     params = Params(builtin={"corpus_dir": str(corpus), "test_frac": 0.3, "val_frac": 0.05, "split_chunks": 1},
-                    eval={"seeds": [0, 1], "batch_size": 8}, noise={"scale": 1.0},
+                    eval={"seeds": [0, 1], "batch_size": 8}, noise={"prog_scale": 1.0, "read_scale": 1.0},
                     cim={"analog": ["routed_experts", "router"]}, calib={"batch_size": 4})
     tok = tiny_tokenizer(text)
     exp = RecordingExperiment(params, model=tiny_model(tok), tokenizer=tok, noise_model=gaussian(0.3))

@@ -26,7 +26,10 @@ def mci(values):
 
 EVAL = {
     "model": "builtin", "dataset": "builtin-test", "tokens": 4096, "seq_len": 256, "seeds": [0, 1, 2],
-    "noise": {"source": "data/chip/pcm_sample.csv", "scale": 1.0},
+    "noise": {"source": "data/chip/pcm_sample.csv", "prog_scale": 1.0, "read_scale": 1.0, "drift_scale": 1.0,
+              "strength": 1.0, "t_inference_s": 86400.0, "drift_compensation": True,
+              "analog": ["routed_experts", "router"], "tile": [512, 512], "weight_scaling": None,
+              "periphery": {"preset": "aihwkit-io-default"}, "variation": {"sigma_spread": 0.0}},
     "ppl": {"clean": 20.0, "noisy": mci([40.0, 42.0, 44.0]), "replace_only": mci([35.0, 36.0, 37.0]),
             "calibrate_only": mci([30.0, 31.0, 32.0]), "romer": mci([25.0, 26.0, 27.0])},
     "ppl_reduction_pct": 38.1, "ppl_reduction_ci95": [35.0, 41.2],
@@ -107,10 +110,12 @@ def test_metrics_flattened_with_dots():
     assert m["load_balance.romer.cv"] == 0.5
     assert m["tasks.builtin_cloze.romer.mean"] == pytest.approx(0.42)
     assert "tasks.builtin_cloze.metric" not in m  # strings are not metrics
+    assert not any(k.startswith("noise") for k in m)  # the noise label is a description, not a metric
 
 
 def test_log_run_reads_back_through_rest_api(server, workdir):
-    params = Params(mlflow={"tracking_uri": server, "experiment": "romer-test"}, noise={"scale": 1.5})
+    params = Params(mlflow={"tracking_uri": server, "experiment": "romer-test"},
+                    noise={"prog_scale": 1.5, "read_scale": 0.5})
     run_id = log_run(params, EVAL, extra_metrics={"wall_time_s": 12.5})
     assert run_id
 
@@ -124,7 +129,11 @@ def test_log_run_reads_back_through_rest_api(server, workdir):
     assert metrics["ppl_reduction_pct"] == 38.1
     assert metrics["tasks.builtin_cloze.clean"] == 0.5
     assert metrics["wall_time_s"] == 12.5
-    assert params_["noise.scale"] == "1.5"
+    assert params_["noise.prog_scale"] == "1.5" and params_["noise.read_scale"] == "0.5"
+    assert params_["noise.drift_scale"] == "1.0" and "noise.scale" not in params_
+    assert params_["cim.tile"] == "[512, 512]" and params_["cim.periphery.preset"] == "aihwkit-io-default"
+    assert params_["cim.periphery.out_noise"] == "null" and params_["cim.variation.stuck_frac"] == "0.0"
+    assert run["info"]["run_name"] == "builtin|data/chip/pcm_sample.csv|p1.5 r0.5 d1|aihwkit-io-default|t=86400s"
     assert params_["calibrate.percentiles"] == "[5.0, 95.0]"
     assert params_["model.revision"] == "null"
     assert set(params_) == set(flatten(params.model_dump(mode="json")))  # every key of params.yaml
@@ -160,8 +169,13 @@ def test_log_run_to_local_sqlite(workdir):
     import mlflow
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    run_id = log_run(Params(mlflow={"tracking_uri": uri}), EVAL)
+    params = Params(mlflow={"tracking_uri": uri}, noise={"prog_scale": 2.0, "drift_scale": 0.5, "t_inference_s": 25},
+                    cim={"periphery": {"preset": "aihwkit-hwa"}})
+    run_id = log_run(params, EVAL)
     run = mlflow.MlflowClient(uri).get_run(run_id)
+    assert run.info.run_name == "builtin|data/chip/pcm_sample.csv|p2 r1 d0.5|aihwkit-hwa|t=25s"
+    assert run.data.params["noise.prog_scale"] == "2.0" and run.data.params["cim.periphery.preset"] == "aihwkit-hwa"
+    assert "noise.strength" not in run.data.metrics  # eval.json's noise label is not a metric
     assert run.data.metrics["ppl.romer.mean"] == 26.0
     assert run.data.tags["noise_source"] == "data/chip/pcm_sample.csv"
     assert "noise_model.json" in {a.path for a in mlflow.MlflowClient(uri).list_artifacts(run_id)}

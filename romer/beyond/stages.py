@@ -8,6 +8,7 @@ from pathlib import Path
 from romer.core.errors import UserError
 from romer.core.io import read_json, write_json
 from romer.moe.routing import Recorder
+from romer.pipeline.experiment import noise_label, with_strength
 
 SWEEP_DIR = Path("metrics/sweep")
 SWEEP_JSON = "metrics/sweep.json"
@@ -42,10 +43,9 @@ def run_sweep_point(params, scale):
 
     exp, eval_w, calib_w, clean, clean_rec = _setup(params)
     out = sweep_point(exp, calib_w, eval_w, clean, clean_rec, scale)
-    out.update(dataset=params.eval.dataset, noise={"source": params.noise.source, "scale": scale})
+    out.update(dataset=params.eval.dataset, noise=noise_label(params, scale))
     write_json(scale_file(scale), out)
-    p = params.model_copy(update={"noise": params.noise.model_copy(update={"scale": scale})})
-    log_run(p, out, run_name=f"sweep x{scale:g}")
+    log_run(with_strength(params, scale), out, run_name=f"sweep x{scale:g}")
     print(f"sweep x{scale:g}: noisy {out['ppl']['noisy']['mean']:.2f}, romer {out['ppl']['romer']['mean']:.2f} "
           f"({out['ppl_reduction_pct']:+.1f}%)")
     return out
@@ -85,8 +85,6 @@ def run_drift(params):
     from romer.beyond.studies import drift_curve
     from romer.reporting.plots import plot_drift
 
-    if params.beyond.drift_scale is not None:
-        params = params.model_copy(update={"noise": params.noise.model_copy(update={"scale": params.beyond.drift_scale})})
     exp, eval_w, calib_w, clean, clean_rec = _setup(params)
     if not exp.noise_model.has_drift:
         raise UserError(f"noise model from '{params.noise.source}' has no drift (needs a t_s column with two or "
@@ -99,8 +97,7 @@ def run_drift(params):
         "romer": [p["ppl"]["romer"]["mean"] for p in d["points"]],
         "romer_recalibrated": [p["ppl"]["romer_recalibrated"]["mean"] for p in d["points"]],
         "t0_s": d["t0_s"],
-        "noise": {"source": params.noise.source, "scale": params.noise.scale,
-                  "drift_compensation": params.noise.drift_compensation},
+        "noise": noise_label(params),
         "seeds": list(params.eval.seeds),
         "replaced_experts_per_chip": d["replaced_experts_per_chip"],
         "detail": d["points"],
@@ -133,7 +130,7 @@ def run_family_model(params, name):
 
 
 def run_family_eval(params, name):
-    """Clean, noisy and ROMER PPL (and load CV) of family `name` at noise.scale, as the sweep points."""
+    """Clean, noisy and ROMER PPL (and load CV) of family `name` at the default noise, as the sweep points."""
     from romer.beyond.studies import sweep_point
     from romer.evaluation.measure import routing_report
     from romer.moe.adapters import describe
@@ -145,11 +142,11 @@ def run_family_eval(params, name):
     params.family_builtin(name)  # the family must still be in params
     p = params.model_copy(update={"model": params.model.model_copy(update={"source": str(model_dir)})})
     exp, eval_w, calib_w, clean, clean_rec = _setup(p, model_dir=model_dir)
-    out = sweep_point(exp, calib_w, eval_w, clean, clean_rec, params.noise.scale)
+    out = sweep_point(exp, calib_w, eval_w, clean, clean_rec, 1.0)
     out["clean_cv"] = routing_report(clean_rec, exp.num_experts, params.replace.tau)["mean"]["cv"]
     train = read_json(model_dir / "builtin_report.json")
     out.update(family=name, architecture=describe(exp.model), dataset=params.eval.dataset,
-               noise={"source": params.noise.source, "scale": params.noise.scale},
+               noise=noise_label(params),
                training={k: train[k] for k in ("val_ppl", "test_ppl", "params", "active_params")},
                training_load_cv=train["summary"]["mean_cv"])
     write_json(FAMILY_DIR / f"{name}.json", out)
@@ -169,8 +166,8 @@ def run_architectures(params):
     """metrics/architectures.json: {family: {clean, noisy, romer, ...}}, the default OLMoE model from
     metrics/eval.json and each beyond.families entry from metrics/families/<name>.json."""
     ev = read_json("metrics/eval.json")
-    if abs(ev["noise"]["scale"] - params.noise.scale) > 1e-12:
-        raise UserError("metrics/eval.json was made at another noise.scale: run `dvc repro` first")
+    if ev["noise"] != noise_label(params):
+        raise UserError("metrics/eval.json was made at other noise or cim settings: run `dvc repro` first")
     lb = ev["load_balance"]
     out = {"olmoe": _family_row(ev["ppl"]["clean"], ev["ppl"]["noisy"], ev["ppl"]["romer"], ev["ppl_reduction_pct"],
                                 ev["ppl_reduction_ci95"], {k: lb[k]["cv"] for k in ("clean", "noisy", "romer")},

@@ -1,4 +1,4 @@
-"""Beyond the paper: ROMER across noise scales and over deployment time (drift).
+"""Beyond the paper: ROMER across noise strengths and over deployment time (drift).
 
 Each point runs the whole method in memory on one loaded model: profile the routing under noise
 on calibration data, make the replacement plan, record the clean percentiles, then evaluate the
@@ -9,11 +9,8 @@ from __future__ import annotations
 
 from romer.evaluation.measure import mean_ci, paired_reduction, perplexity, routing_report
 from romer.moe.routing import Recorder
+from romer.pipeline.experiment import with_strength
 from romer.pipeline.stages import chip_plan, clean_percentiles, clean_replaced
-
-
-def _with_noise(exp, **noise):
-    exp.params = exp.params.model_copy(update={"noise": exp.params.noise.model_copy(update=noise)})
 
 
 def _eval(exp, seed, eval_w, plan=None, maps=None, clean_rec=None, t=None):
@@ -39,8 +36,9 @@ def _summary(per_seed: dict, names, seeds):
 
 
 def sweep_point(exp, calib_w, eval_w, clean_ppl, clean_rec, scale) -> dict:
-    """Noisy and ROMER PPL (and load CV, routing agreement) at one noise scale."""
-    _with_noise(exp, scale=scale)
+    """Noisy and ROMER PPL (and load CV, routing agreement) at one noise strength (a multiplier of
+    noise.prog_scale and noise.read_scale)."""
+    exp.params = with_strength(exp.params, scale)
     seeds = exp.params.eval.seeds
     clean_pct = clean_percentiles(exp, calib_w)
     per_seed, replaced = {}, []

@@ -1,29 +1,37 @@
 """Weights on analog CIM arrays: map to conductances, add device noise in place, restore exactly.
 
 This is the converter half (as aihwkit's conductance converters); the device physics is a
-romer.cim.noise_models.NoiseModel. The mapping (DESIGN.md, "Mapping weights to CIM"):
+romer.cim.noise_models.NoiseModel. The mapping (DESIGN.md, "Mapping weights to CIM", docs/noise.md):
 
 - Every tensor's last dim is the input dim; every leading index is an output row, so a fused
   expert tensor [E, out, in] is E*out rows and a Linear weight [out, in] is out rows.
-- Each row is scaled by its abs-max w_max, or per crossbar tile of `tile_rows` inputs when
-  tile_rows is set (the row is cut into chunks of tile_rows inputs, each with its own w_max).
+- Arrays: a matrix is cut into crossbar arrays of `tile` = (rows, cols): `rows` inputs by `cols`
+  outputs (None: one array per matrix). Each array is its own physical tile.
+- Weight scaling: `row` (one abs-max w_max per output row of each array, aihwkit's columnwise
+  mapping) or `tile` (one w_max per array, aihwkit's default mapping with weight_scaling_omega 1).
+  With `range_crest` k, full scale is max(abs-max, k * rms) of the same weights: the dynamic-range
+  headroom that heavy-tailed (outlier) rows of real LLMs force on their typical weights.
 - Differential pair: G+ = max(w,0)/w_max*g_max, G- = max(-w,0)/w_max*g_max, optionally
   quantised to `levels` evenly spaced conductances in [0, g_max] (0 and g_max included).
-- Both devices get independent noise: programming noise; then, at t = t_inference_s, drift
-  g*(t/t0)^(-nu) (t > t0 only) and read noise, where the model has them; each sigma (programming,
-  nu spread, read) times `scale`, never the mean drift. Conductances are clipped at 0 when the
-  model says so (physical devices; not for the 'gaussian' preset).
-- Global drift compensation (this project's version of aihwkit's GlobalDriftCompensation): per
-  weight matrix (each [out, in] slice; each [out, tile_rows] block with tiles) the output is
-  rescaled by alpha = sum(G programmed) / sum(G at t_inference), over both devices of all pairs,
-  i.e. so that the mean absolute conductance matches the programmed one. It models a digital
-  per-tile scale calibrated with a known input; switch it off with drift_compensation=False.
-- w' = alpha * (G+ - G-) / g_max * w_max.
+- Device noise on both devices, as aihwkit's PCMLikeNoiseModel: programming noise (sigma times
+  prog_scale), clipped at 0; drift g_prog*(t/t0)^(-nu) for t > t0 with nu = |N(mean, std)| times
+  drift_scale; read noise at t (sigma from the programmed state, times read_scale), clipped at 0.
+  All scales are 1 at the published (or fitted) strength.
+- Array-to-array variation (ArrayVariation, seeded per chip, off by default): per array a
+  lognormal multiplier of the programming and read sigmas, a readout gain and a differential
+  offset, and a fraction of devices stuck at 0 or g_max.
+- Global drift compensation, as aihwkit's GlobalDriftCompensation: per array, alpha =
+  mean|W_prog| / mean|W_t|, from the differential output of the array for the one-hot inputs
+  (eye) read right after programming and at t. Common-mode conductance (both devices) cancels.
+- w' = alpha * (G+ - G-) / g_max * w_max. `scale(name)` keeps alpha * w_max per output row and
+  input array: the periphery (romer.cim.periphery) divides by it to get the array's normalised
+  output, on which DAC, ADC and output noise act.
 
 Noise is applied in place under a generator seeded from (seed, tensor name), on the tensor's
-device, so a tensor's noise does not depend on which other tensors are analog. The same seed,
-device and shapes give bit-identical weights. The clean weights are kept once, on the CPU (pinned
-when the tensor is on CUDA); the model is never deep-copied.
+device, so a tensor's noise does not depend on which other tensors are analog; the array variation
+has its own generator (seed, name, "arrays"), so switching it on leaves the device draws unchanged.
+The same seed, device and shapes give bit-identical weights. The clean weights are kept once, on
+the CPU (pinned when the tensor is on CUDA); the model is never deep-copied.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -40,6 +49,7 @@ from romer.cim.noise_models import NoiseModel
 from romer.core.records import AnalogTensor
 
 CHUNK_ELEMENTS = 1 << 26  # weights per block: fused tensors go through in blocks of whole matrices
+WEIGHT_SCALINGS = ("row", "tile")
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -48,25 +58,72 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(h[:8], "little") & (2**63 - 1)
 
 
+@dataclass(frozen=True)
+class ArrayVariation:
+    """Chip-level array-to-array variation, seeded per chip (docs/noise.md). All 0: identical arrays.
+
+    sigma_spread: std of ln(m), m the per-array multiplier of the programming and read sigmas.
+    gain_std: std of the per-array readout gain (mean 1). offset_std: std of the per-array
+    differential offset, in units of g_max (added to every weight of the array). stuck_frac:
+    fraction of devices stuck, half at 0 (RESET) and half at g_max (SET), whatever their target.
+    """
+
+    sigma_spread: float = 0.0
+    gain_std: float = 0.0
+    offset_std: float = 0.0
+    stuck_frac: float = 0.0
+
+    def __post_init__(self):
+        for k in ("sigma_spread", "gain_std", "offset_std", "stuck_frac"):
+            v = getattr(self, k)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"array variation {k} must be finite and >= 0, got {v}")
+        if self.stuck_frac > 1:
+            raise ValueError(f"array variation stuck_frac must be <= 1, got {self.stuck_frac}")
+
+    @property
+    def active(self) -> bool:
+        return any((self.sigma_spread, self.gain_std, self.offset_std, self.stuck_frac))
+
+
+def _arrays(n: int, size: Optional[int]) -> tuple:
+    """(arrays along a dim of n, array size)."""
+    size = n if size is None else min(int(size), n)
+    return -(-n // size), size
+
+
 class AnalogWeights:
     """A set of weight tensors that live on simulated analog arrays.
 
     tensors: AnalogTensor records. Their tensors are modified in place by apply() and restore();
-    a clean copy of each is kept on the CPU.
+    a clean copy of each is kept on the CPU. tile: (rows, cols) of one array, rows = inputs,
+    cols = outputs (None: one array per matrix).
     """
 
-    def __init__(self, tensors: Iterable[AnalogTensor], noise_model: NoiseModel, tile_rows: Optional[int] = None,
-                 levels: Optional[int] = None):
-        if tile_rows is not None and int(tile_rows) < 1:
-            raise ValueError(f"tile_rows must be >= 1, got {tile_rows}")
+    def __init__(self, tensors: Iterable[AnalogTensor], noise_model: NoiseModel, tile: Optional[tuple] = None,
+                 weight_scaling: str = "row", levels: Optional[int] = None,
+                 variation: Optional[ArrayVariation] = None, range_crest: Optional[float] = None):
+        if tile is not None:
+            tile = tuple(int(v) for v in tile)
+            if len(tile) != 2 or min(tile) < 1:
+                raise ValueError(f"tile must be (rows, cols) with both >= 1, got {tile}")
+        if weight_scaling not in WEIGHT_SCALINGS:
+            raise ValueError(f"weight_scaling must be one of {WEIGHT_SCALINGS}, got {weight_scaling!r}")
         if levels is not None and int(levels) < 2:
             raise ValueError(f"levels must be >= 2, got {levels}")
+        if range_crest is not None and not (math.isfinite(range_crest) and range_crest > 0):
+            raise ValueError(f"range_crest must be finite and > 0, got {range_crest}")
+        self.range_crest = None if range_crest is None else float(range_crest)
         self.noise_model = noise_model
-        self.tile_rows = None if tile_rows is None else int(tile_rows)
+        self.tile = tile
+        self.weight_scaling = weight_scaling
         self.levels = None if levels is None else int(levels)
+        self.variation = variation if variation is not None and variation.active else None
         self._entries = []
         self._clean = {}
         self._where = {}  # (kind, layer, part, expert) -> name
+        self._scale = {}  # name -> [M, out, n_input_arrays] alpha * w_max of the noisy state
+        self._digital = {}  # name -> bool [M]: matrices put back to clean (digital) after noise
         for rec in tensors:
             name, t = rec.name, rec.tensor
             if name in self._clean:
@@ -87,6 +144,10 @@ class AnalogWeights:
     def names(self):
         return [r.name for r in self._entries]
 
+    @property
+    def records(self):
+        return list(self._entries)
+
     def clean(self, name: str) -> torch.Tensor:
         """The clean CPU copy of a tensor (read it, do not modify it)."""
         return self._clean[name]
@@ -105,21 +166,48 @@ class AnalogWeights:
             out[r.kind] = out.get(r.kind, 0) + r.tensor.numel()
         return out
 
+    def input_tile(self, n_in: int) -> int:
+        """Inputs per array for a matrix of n_in inputs."""
+        return _arrays(n_in, None if self.tile is None else self.tile[0])[1]
+
+    def scale(self, name: str) -> Optional[torch.Tensor]:
+        """[M, out, n_input_arrays] alpha * w_max of the current noisy state (None: the tensor is clean)."""
+        return self._scale.get(name)
+
+    def digital_mask(self, name: str) -> Optional[torch.Tensor]:
+        """bool [M]: which matrices of the tensor were put back to clean after noise (or None)."""
+        return self._digital.get(name)
+
+    @torch.no_grad()
+    def keep_digital(self, name: str, index: int):
+        """Put the clean weights back into matrix `index` of a tensor (hetero analog-digital)."""
+        rec = next(r for r in self._entries if r.name == name)
+        t = rec.tensor
+        M = t.numel() // (t.shape[-1] * t.shape[-2])
+        t.view(M, t.shape[-2], t.shape[-1])[index].copy_(self._clean[name].view(M, t.shape[-2], t.shape[-1])[index])
+        mask = self._digital.get(name)
+        if mask is None:
+            mask = self._digital[name] = torch.zeros(M, dtype=torch.bool, device=t.device)
+        mask[index] = True
+
     # ------------------------------------------------------------------ noise
     @torch.no_grad()
-    def apply(self, seed: int, scale: float = 1.0, t_inference_s: float = 25.0,
-              drift_compensation: bool = True, edit: Optional[Callable] = None,
+    def apply(self, seed: int, prog_scale: float = 1.0, read_scale: float = 1.0, drift_scale: float = 1.0,
+              t_inference_s: float = 25.0, drift_compensation: bool = True, edit: Optional[Callable] = None,
               kinds: Optional[Iterable[str]] = None):
         """Copy the clean weights in, call edit(record) if given (it may rewrite record.tensor in
         place, e.g. program a replica), then add noise in place.
 
         kinds: if given, only tensors of these kinds get noise; the others stay clean (after edit).
         """
-        if not (scale >= 0 and math.isfinite(scale)):
-            raise ValueError(f"noise scale must be finite and >= 0, got {scale}")
+        for k, v in (("prog_scale", prog_scale), ("read_scale", read_scale), ("drift_scale", drift_scale)):
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"noise {k} must be finite and >= 0, got {v}")
         if not (t_inference_s > 0 and math.isfinite(t_inference_s)):
             raise ValueError(f"t_inference_s must be finite and > 0, got {t_inference_s}")
         kinds = None if kinds is None else set(kinds)
+        scales = (float(prog_scale), float(read_scale), float(drift_scale))
+        self._scale, self._digital = {}, {}
         for rec in self._entries:
             t = rec.tensor
             t.copy_(self._clean[rec.name], non_blocking=True)
@@ -128,57 +216,95 @@ class AnalogWeights:
             if kinds is None or rec.kind in kinds:
                 gen = torch.Generator(device=t.device)
                 gen.manual_seed(tensor_seed(seed, rec.name))
-                self._add_noise_(t, gen, float(scale), float(t_inference_s), bool(drift_compensation))
+                agen = None
+                if self.variation is not None:
+                    agen = torch.Generator(device=t.device)
+                    agen.manual_seed(tensor_seed(seed, rec.name + "\x00arrays"))
+                self._scale[rec.name] = self._add_noise_(t, gen, agen, scales, float(t_inference_s),
+                                                         bool(drift_compensation))
 
     @torch.no_grad()
     def restore(self):
         """Copy the clean weights back (exact)."""
         for rec in self._entries:
             rec.tensor.copy_(self._clean[rec.name], non_blocking=True)
+        self._scale, self._digital = {}, {}
 
     @contextmanager
     def noisy(self, seed: int, **kw):
-        """`with aw.noisy(seed, scale=...):` noisy weights inside, clean weights after."""
+        """`with aw.noisy(seed, prog_scale=...):` noisy weights inside, clean weights after."""
         self.apply(seed, **kw)
         try:
             yield self
         finally:
             self.restore()
 
-    def _add_noise_(self, t: torch.Tensor, gen: torch.Generator, scale: float, t_inf: float, comp: bool):
+    def array_variation(self, seed: int, name: str) -> Optional[dict]:
+        """The chip's per-array variation of one tensor: {"sigma_mult", "gain", "offset"}, each
+        [M, output arrays, input arrays] (None when variation is off). What a chip-level noise
+        model tells a replacement step about where the good arrays are."""
+        if self.variation is None:
+            return None
+        rec = next(r for r in self._entries if r.name == name)
+        t = rec.tensor
+        n_in, n_out = t.shape[-1], t.shape[-2]
+        M = t.numel() // (n_in * n_out)
+        gen = torch.Generator(device=t.device)
+        gen.manual_seed(tensor_seed(seed, name + "\x00arrays"))
+        return self._draw_arrays(gen, M, n_out, n_in, t.device)
+
+    def _draw_arrays(self, gen, M, n_out, n_in, device):
+        v = self.variation
+        no, _ = _arrays(n_out, None if self.tile is None else self.tile[1])
+        nt, _ = _arrays(n_in, None if self.tile is None else self.tile[0])
+        shape = (M, no, nt)
+        z = torch.randn((3,) + shape, generator=gen, device=device, dtype=torch.float32)
+        return {"sigma_mult": z[0].mul(v.sigma_spread).exp_(), "gain": z[1].mul(v.gain_std).add_(1.0),
+                "offset": z[2].mul(v.offset_std)}
+
+    def _add_noise_(self, t: torch.Tensor, gen: torch.Generator, agen, scales, t_inf: float, comp: bool):
         shape = t.shape
         n_in, n_out = shape[-1], shape[-2]
         M = t.numel() // (n_in * n_out)
+        arrays = None if agen is None else self._draw_arrays(agen, M, n_out, n_in, t.device)
         view = t.view(M, n_out, n_in) if t.is_contiguous() else None
         src = view if view is not None else t.detach().reshape(M, n_out, n_in)
         per = max(1, CHUNK_ELEMENTS // (n_in * n_out))  # whole matrices per chunk (bounds memory)
-        if per >= M:
-            out = self._noisy_block(src, gen, scale, t_inf, comp)
-            t.copy_(out.reshape(shape))
-            return
-        outs = []
+        outs, wscales = [], []
         for m0 in range(0, M, per):
-            out = self._noisy_block(src[m0:m0 + per], gen, scale, t_inf, comp)
+            arr = None if arrays is None else {k: v[m0:m0 + per] for k, v in arrays.items()}
+            out, wscale = self._noisy_block(src[m0:m0 + per], gen, agen, arr, scales, t_inf, comp)
+            wscales.append(wscale)
             if view is not None:
                 view[m0:m0 + per].copy_(out)
             else:
                 outs.append(out.to(t.dtype))
         if view is None:
             t.copy_(torch.cat(outs).reshape(shape))
+        return torch.cat(wscales)
 
-    def _noisy_block(self, w_in: torch.Tensor, gen: torch.Generator, scale: float, t_inf: float, comp: bool):
-        """Noisy float32 copy of a block of whole matrices [m, out, in]."""
+    def _noisy_block(self, w_in: torch.Tensor, gen: torch.Generator, agen, arrays, scales, t_inf: float,
+                     comp: bool):
+        """Noisy float32 copy of a block of whole matrices [m, out, in], and alpha * w_max [m, out, nt]."""
         nm = self.noise_model
+        prog_scale, read_scale, drift_scale = scales
         g_max = float(nm.g_max)
         m, n_out, n_in = w_in.shape
-        T = self.tile_rows or n_in
-        nt = -(-n_in // T)
+        nt, R = _arrays(n_in, None if self.tile is None else self.tile[0])
+        no, C = _arrays(n_out, None if self.tile is None else self.tile[1])
         w = w_in.to(torch.float32, copy=True)
-        if nt * T != n_in:
-            w = F.pad(w, (0, nt * T - n_in))
-        w = w.view(m, n_out, nt, T)
-        lo, hi = torch.aminmax(w, dim=-1, keepdim=True)
-        w_max = torch.maximum(hi, lo.neg_())  # [m, out, nt, 1]
+        padded = nt * R != n_in or no * C != n_out
+        if padded:
+            w = F.pad(w, (0, nt * R - n_in, 0, no * C - n_out))
+        w = w.view(m, no, C, nt, R)
+        dims = (-1,) if self.weight_scaling == "row" else (2, 4)
+        w_max = w.abs().amax(dim=dims, keepdim=True)  # row: [m, no, C, nt, 1]; tile: [m, no, 1, nt, 1]
+        if self.range_crest is not None:  # full scale at max(abs-max, crest * rms): the headroom of heavy tails
+            n_valid = torch.zeros((1, no * C, 1, nt * R), dtype=torch.float32, device=w.device)
+            n_valid[:, :n_out, :, :n_in] = 1.0
+            n_valid = n_valid.view(1, no, C, nt, R).sum(dim=dims, keepdim=True).clamp_(min=1)
+            rms = w.square().sum(dim=dims, keepdim=True).div_(n_valid).sqrt_()
+            w_max = torch.maximum(w_max, rms.mul_(self.range_crest))
         k = torch.where(w_max > 0, g_max / w_max, torch.zeros_like(w_max))
 
         # target conductances of the pair, stacked: g[0] = G+, g[1] = G-
@@ -190,36 +316,76 @@ class AnalogWeights:
         if self.levels is not None:
             q = (self.levels - 1) / g_max
             g.mul_(q).round_().div_(q)
+        mult = None if arrays is None else arrays["sigma_mult"].view(1, m, no, 1, nt, 1)
 
         def randn():
             return torch.randn(g.shape, generator=gen, device=g.device, dtype=torch.float32)
 
         # programming noise
-        g_prog = torch.addcmul(g, randn(), nm.prog_sigma(g), value=scale)
+        sig = nm.prog_sigma(g).mul_(prog_scale)
+        if mult is not None:
+            sig.mul_(mult)
+        g_prog = torch.addcmul(g, randn(), sig)
+        del sig
         if nm.clip_at_zero:
             g_prog.clamp_(min=0)
         g_now = g_prog
         drifted = False
         if nm.has_drift:
             mean, std = nm.drift_nu(g)
-            nu = torch.addcmul(mean, randn(), std, value=scale)
+            nu = torch.addcmul(mean, randn(), std).abs_().mul_(drift_scale)  # aihwkit: |N(mean, std)| * drift_scale
             del mean, std
             if t_inf > nm.t0:
                 drifted = True
                 g_now = torch.pow(nm.t0 / t_inf, nu, out=nu).mul_(g_prog)  # g_prog * (t/t0)^(-nu)
             del nu
         if nm.has_read_noise:
-            g_now = torch.addcmul(g_now, randn(), nm.read_sigma(g, t_inf), value=scale)
+            sig = nm.read_sigma(g_prog, t_inf, g_now=g_now).mul_(read_scale)
+            if mult is not None:
+                sig.mul_(mult)
+            g_now = torch.addcmul(g_now, randn(), sig)
+            del sig
             if nm.clip_at_zero:
                 g_now.clamp_(min=0)
+            drifted = True
         del g
-        alpha = None
-        if comp and drifted:
-            dims = (0, 2, 4)  # both devices, all rows, all inputs of a tile
-            num = g_prog.sum(dim=dims, keepdim=True, dtype=torch.float64)
-            den = g_now.sum(dim=dims, keepdim=True, dtype=torch.float64)
-            alpha = torch.where(den > 0, num / den, torch.ones_like(den)).to(torch.float32)[0]  # [m,1,nt,1]
-        del g_prog
-        out = g_now[0].sub_(g_now[1])
-        out.mul_(w_max.mul_(1.0 / g_max) if alpha is None else w_max.mul_(alpha).mul_(1.0 / g_max))
-        return out.reshape(m, n_out, nt * T)[..., :n_in]
+        if arrays is not None and self.variation.stuck_frac > 0:
+            u = torch.rand(g_prog.shape, generator=agen, device=g_prog.device, dtype=torch.float32)
+            f = self.variation.stuck_frac
+            if g_now is g_prog:
+                g_now = g_prog.clone()
+            for st in (g_prog, g_now):
+                st.masked_fill_(u < 0.5 * f, 0.0)
+                st.masked_fill_((u >= 0.5 * f) & (u < f), g_max)
+            del u
+        w_prog = g_prog[0].sub_(g_prog[1]) if (comp and drifted) else None
+        out = g_now[0] - g_now[1] if g_now is g_prog else g_now[0].sub_(g_now[1])
+        del g_prog, g_now
+        if padded:  # devices outside the matrix do not exist: out of the readouts
+            valid = torch.zeros((1, no * C, 1, nt * R), dtype=torch.bool, device=out.device)
+            valid[:, :n_out, :, :n_in] = True
+            valid = valid.view(1, no, C, nt, R)
+            out.masked_fill_(~valid, 0.0)
+            if w_prog is not None:
+                w_prog.masked_fill_(~valid, 0.0)
+        if arrays is not None and (self.variation.gain_std or self.variation.offset_std):
+            gain = arrays["gain"].view(m, no, 1, nt, 1)
+            off = arrays["offset"].view(m, no, 1, nt, 1) * g_max
+            out.mul_(gain).add_(off)
+            if w_prog is not None:
+                w_prog.mul_(gain).add_(off)
+            if padded:
+                out.masked_fill_(~valid, 0.0)
+                if w_prog is not None:
+                    w_prog.masked_fill_(~valid, 0.0)
+        wscale = w_max  # alpha * w_max per (row or array): the weight of a normalised array output of 1
+        if w_prog is not None:  # drift compensation: differential readout of eye through the array
+            num = w_prog.abs_().sum(dim=(2, 4), keepdim=True, dtype=torch.float64)
+            den = out.abs().sum(dim=(2, 4), keepdim=True, dtype=torch.float64)
+            alpha = torch.where(den > 0, num / den, torch.ones_like(den)).to(torch.float32)  # [m, no, 1, nt, 1]
+            wscale = wscale.mul_(alpha)
+            del w_prog
+        out.mul_(wscale).mul_(1.0 / g_max)
+        out = out.reshape(m, no * C, nt * R)[:, :n_out, :n_in]
+        ws = wscale.expand(m, no, C, nt, 1).reshape(m, no * C, nt)[:, :n_out].contiguous()
+        return out, ws

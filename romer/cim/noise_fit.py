@@ -13,7 +13,19 @@ Method (docs/noise.md has the details and which choices are this project's):
 4. Drift (when t_s has >= 2 distinct times per device): per device, least squares of ln g against
    ln(t/t0), t0 the earliest read time, nu = -slope; per level, nu's mean and std (the std less the
    per-device slope estimation variance). Without device_id, a population fit per level is used.
-The output JSON tabulates every curve on a grid of g in [0, g_max] (g_max: the largest target).
+The output JSON tabulates every curve on a grid of g in [0, g_max] (g_max: the largest target):
+piecewise linear between measured levels (read noise linear in variance), and below the lowest
+measured level never held flat (`fit.extrapolation_below_range` says what was done):
+- programming sigma: the fitted polynomial, clipped at 0;
+- read noise, per read time: a measured RESET level (g_target = 0) when the data has one with a read
+  estimate at that time (then there is nothing below range); else a power law sigma = a g^b through
+  the lowest level, b fitted in log-log on the lowest READ_EXTRAP_LEVELS levels (b <= 0 or one level:
+  b = 1), so sigma -> 0 at g = 0 as the PCM law |g| Q_s(g) sqrt(ln(...)) does;
+- drift nu mean and std: a measured RESET level, as for read noise; else the PCM law's form, linear in
+  ln g, through the lowest level with the slope fitted on the lowest DRIFT_EXTRAP_LEVELS levels
+  (ln of max(g, 1e-3 g_max)), clipped to [0, 1.5 x the largest value measured at any level].
+Above the highest level (g_max is the largest target, so only a level without an estimate) the
+curves are held at the highest level's value.
 """
 
 from __future__ import annotations
@@ -28,6 +40,10 @@ from romer.core.errors import UserError
 from romer.core.numerics import lstsq_exact, polyval_increasing
 
 READ_MIN_GROUPS = 5  # devices with repeated reads needed per (level, time) to estimate read noise
+READ_EXTRAP_LEVELS = 3  # lowest levels whose read sigma fixes the power law's exponent below range
+DRIFT_EXTRAP_LEVELS = 2  # lowest levels whose nu fixes the ln g slope below range (the PCM law is flat above ~0.2 g_max)
+DRIFT_EXTRAP_CAP = 1.5  # nu mean/std below range are capped at this times the largest measured value
+LOG_FLOOR = 1e-3  # ln g is taken of max(g, LOG_FLOOR * g_max)
 
 
 def _group(*cols):
@@ -77,7 +93,107 @@ def _line(x, y):
 
 
 def _interp_grid(grid, xp, fp):
+    """Piecewise linear through (xp, fp), held at the end values beyond them (np.interp)."""
     return np.interp(grid, np.asarray(xp), np.asarray(fp))
+
+
+def _read_row(grid, g, var):
+    """Read sigma on the grid from per-level (g ascending, variance): -> (row, how).
+
+    Between levels linear in variance. Below the lowest level: nothing to do when it is a measured
+    RESET level (g = 0); else sigma = a g^b through the lowest level, b from a log-log least-squares
+    line on the lowest READ_EXTRAP_LEVELS levels with sigma > 0, b = 1 when that b <= 0 or there is
+    only one such level.
+    """
+    g, var = np.asarray(g, dtype=np.float64), np.asarray(var, dtype=np.float64)
+    row = np.sqrt(_interp_grid(grid, g, var))
+    if g[0] == 0.0:
+        return row, {"method": "measured_reset", "reset_sigma_uS": float(math.sqrt(var[0]))}
+    sig = np.sqrt(var)
+    low = [(x, y) for x, y in zip(g[:READ_EXTRAP_LEVELS], sig[:READ_EXTRAP_LEVELS]) if y > 0]
+    how = {"method": "power_law", "levels_uS": [float(x) for x, _ in low]}
+    if len(low) >= 2:
+        b_fit = float(_line(np.log([x for x, _ in low]), np.log([y for _, y in low]))[1])
+        b = b_fit if b_fit > 0 else 1.0
+        how.update(b_fitted=b_fit, fallback=None if b_fit > 0 else "fitted b <= 0: b = 1 (proportional to g)")
+    else:
+        b = 1.0
+        how.update(b_fitted=None, fallback="fewer than 2 levels with read sigma > 0: b = 1 (proportional to g)")
+    a = float(sig[0]) / float(g[0]) ** b
+    below = grid < g[0]
+    row[below] = a * grid[below] ** b
+    how.update(b=b, a=a, form="sigma_uS = a * g_uS^b below the lowest level")
+    return row, how
+
+
+def _drift_rows(grid, g, mean, std, g_max):
+    """nu mean and std on the grid from per-level values (g ascending): -> (mean, std, how).
+
+    Between levels piecewise linear. Below the lowest level: nothing to do when it is a measured
+    RESET level (g = 0); else linear in ln g (the PCM law's form) through the lowest level, slope
+    from a least-squares line on the lowest DRIFT_EXTRAP_LEVELS levels, clipped to
+    [min(0, smallest measured), DRIFT_EXTRAP_CAP x largest measured] per curve.
+    """
+    g = np.asarray(g, dtype=np.float64)
+    if g[0] == 0.0:
+        how = {"method": "measured_reset", "reset_mean": float(mean[0]), "reset_std": float(std[0])}
+        return _interp_grid(grid, g, mean), _interp_grid(grid, g, std), how
+    floor = LOG_FLOOR * g_max
+    lg = np.log(np.maximum(grid, floor))
+    lg0 = math.log(max(float(g[0]), floor))
+    below = grid < g[0]
+    out = []
+    k = min(DRIFT_EXTRAP_LEVELS, len(g))
+    how = {"method": "ln_g_linear" if k >= 2 else "constant", "levels_uS": [float(x) for x in g[:k]],
+           "ln_floor_uS": floor}
+    for name, v in (("mean", np.asarray(mean, dtype=np.float64)), ("std", np.asarray(std, dtype=np.float64))):
+        row = _interp_grid(grid, g, v)
+        slope = float(_line(np.log(g[:k]), v[:k])[1]) if k >= 2 else 0.0
+        lo, hi = min(0.0, float(v.min())), max(DRIFT_EXTRAP_CAP * float(v.max()), 0.0)
+        row[below] = np.clip(v[0] + slope * (lg[below] - lg0), lo, hi)
+        how[f"{name}_slope_per_ln_uS"] = slope
+        how[f"{name}_bounds"] = [lo, hi]
+        out.append(row)
+    return out[0], out[1], how
+
+
+def _extrapolation_note(levels, read_how, read_times, drift_how):
+    """fit.extrapolation_below_range: what each noise term does below the lowest measured level."""
+    note = {"programming_sigma": "polynomial (the fitted sigma(g) continued to g = 0, clipped at 0)",
+            "lowest_level_uS": float(min(lv["g_uS"] for lv in levels))}
+    if not read_how:
+        note["read_noise"] = None
+    elif all(h["method"] == "measured_reset" for h in read_how):
+        note["read_noise"] = "measured RESET level (g_target = 0), linear in variance toward it"
+    else:
+        law = (f"power_law a*g^b through the lowest level (b fitted in log-log on the lowest {READ_EXTRAP_LEVELS} "
+               "levels)")
+        mixed = any(h["method"] == "measured_reset" for h in read_how)
+        parts = []
+        for t, h in zip(read_times, read_how):
+            if h["method"] == "measured_reset":
+                parts.append(f"t = {t:g} s: measured RESET level (g_target = 0)")
+            else:
+                parts.append(f"t = {t:g} s: " + (f"{law}, " if mixed else "") + f"b = {h['b']:.4g}"
+                             + (f" ({h['fallback']})" if h["fallback"] else ""))
+        note["read_noise"] = ("" if mixed else f"{law}, ") + "per read time: " + "; ".join(parts)
+    note["read_noise_per_time"] = [dict(t_s=float(t), **h) for t, h in zip(read_times, read_how)]
+    if drift_how is None:
+        note["drift_nu"] = None
+    elif drift_how["method"] == "measured_reset":
+        note["drift_nu"] = "measured RESET level (g_target = 0), linear toward it"
+    else:
+        (ml, mh), (sl, sh) = drift_how["mean_bounds"], drift_how["std_bounds"]
+        form = ("linear in ln g through the lowest level (slope from a line on the lowest "
+                f"{len(drift_how['levels_uS'])} levels: mean {drift_how['mean_slope_per_ln_uS']:.4g}, "
+                f"std {drift_how['std_slope_per_ln_uS']:.4g} per unit ln g)"
+                if drift_how["method"] == "ln_g_linear" else "constant (only one level has a drift estimate)")
+        low = "0" if min(ml, sl) >= 0 else "0 or the smallest measured value if negative"
+        note["drift_nu"] = (f"{form}, ln g of max(g, {drift_how['ln_floor_uS']:g} uS); clipped to "
+                            f"[{low}, {DRIFT_EXTRAP_CAP:g} x the largest value measured at any level]: mean in "
+                            f"[{ml:.4g}, {mh:.4g}], std in [{sl:.4g}, {sh:.4g}]")
+    note["drift_nu_detail"] = drift_how
+    return note
 
 
 def _read_noise(m: Measurements, dev):
@@ -317,12 +433,12 @@ def fit_noise(measurements: Measurements, degree: int = 2, source: str | None = 
     sig_grid = np.maximum(np.polyval(coef[::-1], grid / g_max), 0.0)
 
     drift, why_no_drift = _drift(m, dev, m.device is not None)
-    drift_json = None
+    drift_json = drift_how = None
     if drift is not None:
         dl = drift["levels"]
         gx = [p["g_uS"] for p in dl]
-        drift_json = {"g_uS": _fl(grid), "mean": _fl(_interp_grid(grid, gx, [p["nu_mean"] for p in dl])),
-                      "std": _fl(_interp_grid(grid, gx, [p["nu_std"] for p in dl])), "t0_s": drift["t0_s"],
+        d_mean, d_std, drift_how = _drift_rows(grid, gx, [p["nu_mean"] for p in dl], [p["nu_std"] for p in dl], g_max)
+        drift_json = {"g_uS": _fl(grid), "mean": _fl(d_mean), "std": _fl(d_std), "t0_s": drift["t0_s"],
                       "law": "table"}
         for lv in levels:
             p = next((p for p in dl if p["g_uS"] == lv["g_uS"]), None)
@@ -330,12 +446,15 @@ def fit_noise(measurements: Measurements, degree: int = 2, source: str | None = 
             lv["nu_std"] = p["nu_std"] if p else None
 
     read_json = None
+    times, read_how = [], []
     if read:
         times = sorted({t for (_, t) in read})
         rows = []
         for t in times:
             pts = sorted((m.level_g[lv], v[0]) for (lv, tt), v in read.items() if tt == t)
-            rows.append(_fl(np.sqrt(_interp_grid(grid, [p[0] for p in pts], [p[1] for p in pts]))))
+            row, how = _read_row(grid, [p[0] for p in pts], [p[1] for p in pts])
+            rows.append(_fl(row))
+            read_how.append(how)
         read_json = {"law": "table", "g_uS": _fl(grid), "t_s": _fl(times) if m.t_s is not None else [1.0],
                      "sigma_uS": rows,
                      "levels": [{"g_uS": float(m.level_g[lv]), "t_s": t, "sigma_uS": math.sqrt(v[0]), "n_devices": v[1]}
@@ -372,6 +491,8 @@ def fit_noise(measurements: Measurements, degree: int = 2, source: str | None = 
             "drift": "fitted" if drift is not None else f"none ({why_no_drift})",
             "read_noise": "fitted" if read else ("none (no device_id column)" if m.device is None
                                                  else "none (no repeated reads of a device at one time)"),
+            "extrapolation_below_range": _extrapolation_note(
+                levels, read_how, times if m.t_s is not None else [1.0] * len(times), drift_how),
         },
         "drift_fit": ({k: drift[k] for k in ("method", "t0_s", "parametric")} if drift else None),
         "levels": levels,

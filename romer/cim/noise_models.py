@@ -11,11 +11,13 @@ grid of conductances, whatever the parametric form, plus the parametric form its
 
 Conventions (this project's choices, documented in docs/noise.md):
 - `prog_sigma(g)`: std of the programmed conductance of a device with target g.
-- `drift_nu(g)`: mean and std of the drift exponent nu in g(t) = g(t0) * (t/t0)^(-nu), t > t0;
-  no drift before t0. nu is drawn from a normal law (not folded at 0 as aihwkit does; the two
-  differ only for nu_mean < 2 nu_std, i.e. for the PCM preset below ~0.05 g_max).
-- `read_sigma(g, t)`: std of one read at time t of a device programmed to target g (the PCM
-  preset evaluates it at the mean drifted conductance).
+- `drift_nu(g)`: mean and std of the drift exponent nu in g(t) = g_prog * (t/t0)^(-nu), t > t0, at
+  target conductance g; no drift before t0. As in aihwkit, nu = |mean + std z| (folded at 0) and
+  `drift_scale` multiplies nu itself (romer.cim.mapping).
+- `read_sigma(g_prog, t, g_now)`: std of one read at time t of a device in programmed state g_prog
+  (read noise depends on the device's actual state, as aihwkit evaluates it: a device programmed to
+  0 whose programmed state is 0 has no read noise). The PCM law is multiplicative in the drifted
+  conductance g_now; a fitted table is evaluated at g_prog.
 """
 
 from __future__ import annotations
@@ -159,19 +161,23 @@ class NoiseModel:
     def has_read_noise(self) -> bool:
         return self.read is not None
 
-    def read_sigma(self, g: torch.Tensor, t_s: float) -> torch.Tensor:
-        """Std (uS) of one read at time t_s (s since programming) of a device with target g."""
+    def read_sigma(self, g: torch.Tensor, t_s: float, g_now: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Std (uS) of one read at time t_s (s since programming) of a device in programmed state g.
+
+        g_now: the drifted conductance at t_s (PCM law: sigma = |g_now| Q_s(g) sqrt(ln(...)), as
+        aihwkit's PCMLikeNoiseModel); None: g drifted by the mean nu.
+        """
         if self.read is None:
             return torch.zeros_like(g)
         if self.read["law"] == "pcm":
             t_read = self.read.get("t_read_s", 250e-9)
-            # |g_drift| * Q_s * sqrt(ln((t + t_read) / (2 t_read))), Q_s = min(0.0088 / x^0.65, 0.2)
-            out = g.abs().clamp_min_(1e-3 * self.g_max).pow_(-0.65).mul_(0.0088 * self.g_max**0.65).clamp_max_(0.2)
-            out.mul_(g.abs()).mul_(math.sqrt(math.log((t_s + t_read) / (2 * t_read))))
-            if self.has_drift and t_s > self.t0:
-                mean_nu = self.drift_nu(g)[0]
-                out.mul_(torch.pow(self.t0 / t_s, mean_nu))
-            return out
+            # Q_s = min(0.0088 / x^0.65, 0.2), x = |g_prog| / g_max (the clamp at 1e-3 g_max is below the cap's reach)
+            q = g.abs().clamp_min(1e-3 * self.g_max).pow_(-0.65).mul_(0.0088 * self.g_max**0.65).clamp_max_(0.2)
+            if g_now is None:
+                g_now = g
+                if self.has_drift and t_s > self.t0:
+                    g_now = g * torch.pow(self.t0 / t_s, self.drift_nu(g)[0])
+            return q.mul_(g_now.abs()).mul_(math.sqrt(math.log((t_s + t_read) / (2 * t_read))))
         row = _interp_rows_log_t(self.read["t_s"], self.read["sigma_uS"], t_s)
         return interp(g, self.read["g_uS"], row).clamp_min(0)
 

@@ -15,6 +15,20 @@ from romer.cim.noise_models import PRESETS, NoiseModel, get_preset
 from romer.core.errors import UserError
 
 
+BUNDLED_SAMPLES = ("data/chip/pcm_sample.csv", "data/chip/reram_wan2022_sample.csv",
+                   "data/chip/reram_milo2021_sample.csv")
+
+
+def scale_warning(source: str, prog_scale: float, read_scale: float, drift_scale: float):
+    """One line when a user's own noise source runs at scales other than 1 (a stress study, not their chip)."""
+    if get_preset(source) is not None or os.path.normpath(source) in BUNDLED_SAMPLES:
+        return None
+    if (prog_scale, read_scale, drift_scale) == (1.0, 1.0, 1.0):
+        return None
+    return (f"warning: noise.source '{source}' runs at prog/read/drift scales {prog_scale:g}/{read_scale:g}/"
+            f"{drift_scale:g}, not 1: the results are a stress study, not the measured chip")
+
+
 def load_noise_model(path) -> NoiseModel:
     """Load a noise-model JSON written by `romer fit-noise` or the fit_noise stage."""
     try:

@@ -104,17 +104,54 @@ class BuiltinParams(_Section):
 
 
 class NoiseParams(_Section):
+    """Device noise (docs/noise.md). The scales are aihwkit's: 1 is the measured (or published) strength."""
+
     source: str = "data/chip/pcm_sample.csv"  # CSV path/glob (fitted) or preset name
     degree: int = Field(2, ge=0, le=6)
-    scale: float = Field(10.0, ge=0)
-    t_inference_s: float = Field(25.0, gt=0)
+    prog_scale: float = Field(1.0, ge=0, allow_inf_nan=False)  # multiplies the programming-noise sigma
+    read_scale: float = Field(1.0, ge=0, allow_inf_nan=False)  # multiplies the read-noise sigma
+    drift_scale: float = Field(1.0, ge=0, allow_inf_nan=False)  # multiplies the drift exponent nu itself
+    t_inference_s: float = Field(86400.0, gt=0, allow_inf_nan=False)
     drift_compensation: bool = True
+
+
+class PeripheryParams(_Section):
+    """ADC/DAC periphery of every analog matmul (romer/cim/periphery.py): a preset, and explicit keys
+    that override it (null: the preset's value)."""
+
+    preset: Literal["ideal", "aihwkit-io-default", "aihwkit-hwa"] = "aihwkit-io-default"
+    inp_res: Optional[float] = Field(None, ge=0, lt=1, allow_inf_nan=False)  # DAC: 1/steps of [-inp_bound, inp_bound]
+    inp_bound: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
+    noise_management: Optional[Literal["abs_max", "std", "none"]] = None
+    nm_std_alpha: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
+    out_res: Optional[float] = Field(None, ge=0, lt=1, allow_inf_nan=False)  # ADC: 1/steps of [-out_bound, out_bound]
+    out_bound: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
+    out_noise: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
+    bound_management: Optional[Literal["iterative", "none"]] = None
+    w_noise: Optional[float] = Field(None, ge=0, allow_inf_nan=False)  # per-MVM weight read noise (PCM_READ)
+
+    def overrides(self) -> dict:
+        return {k: v for k, v in self.model_dump().items() if k != "preset" and v is not None}
+
+
+class VariationParams(_Section):
+    """Array-to-array variation, a seeded chip-level model (romer.cim.mapping.ArrayVariation); 0: off."""
+
+    sigma_spread: float = Field(0.0, ge=0, allow_inf_nan=False)
+    gain_std: float = Field(0.0, ge=0, allow_inf_nan=False)
+    offset_std: float = Field(0.0, ge=0, allow_inf_nan=False)
+    stuck_frac: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
 
 
 class CimParams(_Section):
     analog: list[str] = Field(default_factory=lambda: list(ANALOG_KINDS))
-    tile_rows: Optional[int] = Field(None, gt=0)
+    tile: Optional[list[int]] = Field(default_factory=lambda: [512, 512])  # [rows (inputs), cols (outputs)]
+    weight_scaling: Optional[Literal["row", "tile"]] = None  # null: the periphery preset's mapping
+    # full scale at max(abs-max, range_crest * rms) of the scaled weights (null: abs-max): docs/noise.md
+    range_crest: Optional[float] = Field(12.0, gt=0, allow_inf_nan=False)
     levels: Optional[int] = Field(None, ge=2)
+    periphery: PeripheryParams = Field(default_factory=PeripheryParams)
+    variation: VariationParams = Field(default_factory=VariationParams)
 
     @field_validator("analog")
     @classmethod
@@ -124,6 +161,13 @@ class CimParams(_Section):
             raise ValueError(f"unknown analog kind(s) {bad}; expected a subset of {list(ANALOG_KINDS)}")
         if len(set(v)) != len(v):
             raise ValueError("analog kinds must not repeat")
+        return v
+
+    @field_validator("tile")
+    @classmethod
+    def _tile(cls, v):
+        if v is not None and (len(v) != 2 or min(v) < 1):
+            raise ValueError(f"expected [rows, cols] of one array, both >= 1 (or null), got {v}")
         return v
 
 
@@ -185,13 +229,11 @@ class EvalParams(_Section):
 
 
 class BeyondParams(_Section):
-    """Beyond-the-paper stages (beyond/dvc.yaml): noise-scale sweep and drift over deployment time."""
+    """Beyond-the-paper stages (beyond/dvc.yaml): noise-strength sweep and drift over deployment time."""
 
-    scales: list[float] = Field(default_factory=lambda: [2, 4, 6, 8, 10, 12, 14, 16], min_length=1)
+    # noise strengths: multipliers of noise.prog_scale and noise.read_scale (a stress study beyond 1)
+    scales: list[float] = Field(default_factory=lambda: [0.5, 1, 2, 3, 4, 6], min_length=1)
     drift_times_s: list[float] = Field(default_factory=lambda: [3600, 86400, 2592000, 31536000], min_length=1)
-    # noise.scale of the drift run (None: noise.scale). It multiplies the spread of the drift exponent
-    # too, so the default scale 10 collapses the model within hours (docs/ablation.md).
-    drift_scale: Optional[float] = Field(3.0, gt=0)
     # Other MoE families trained like the builtin model: {name: builtin overrides (family, shared_experts, ...)}.
     families: dict[str, dict] = Field(default_factory=lambda: {
         "qwen2_moe": {"family": "qwen2_moe", "shared_experts": 1},

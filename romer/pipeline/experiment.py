@@ -9,18 +9,38 @@ for each evaluation method. Nothing is deep-copied.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-from romer.cim.mapping import AnalogWeights
+from romer.cim.mapping import AnalogWeights, ArrayVariation
 from romer.cim.noise_models import NoiseModel
+from romer.cim.periphery import Periphery, periphery_config
+from romer.cim.sources import scale_warning
 from romer.core.paths import MODEL_DIR, NOISE_MODEL
 from romer.data.text import calib_windows, eval_windows, load_text, tokenize
 from romer.methods.calibration import calibrate_maps, collect_logits, compose, make_transform, percentiles
 from romer.methods.replacement import pairs_by_layer, routing_fns, weight_edit
 from romer.moe.adapters import analog_tensors, get_adapter
 from romer.moe.models import input_device, load_model, load_tokenizer, resolve_device
+
+
+def noise_label(params, strength: float = 1.0) -> dict:
+    """What the noisy numbers were made at: the noise and array settings (eval.json's `noise`)."""
+    n, c = params.noise, params.cim
+    return {"source": n.source, "prog_scale": n.prog_scale * strength, "read_scale": n.read_scale * strength,
+            "drift_scale": n.drift_scale, "strength": strength, "t_inference_s": n.t_inference_s,
+            "drift_compensation": n.drift_compensation, "analog": list(c.analog), "tile": c.tile,
+            "weight_scaling": c.weight_scaling, "range_crest": c.range_crest, "periphery": c.periphery.model_dump(),
+            "variation": c.variation.model_dump()}
+
+
+def with_strength(params, strength: float):
+    """params with noise.prog_scale and noise.read_scale multiplied by `strength` (a sweep point)."""
+    n = params.noise
+    return params.model_copy(update={"noise": n.model_copy(update={"prog_scale": n.prog_scale * strength,
+                                                                   "read_scale": n.read_scale * strength})})
 
 
 class Experiment:
@@ -47,11 +67,23 @@ class Experiment:
         if noise_model is None:
             noise_model = NoiseModel.from_json(json.loads(Path(noise_model_path).read_text()))
         self.noise_model = noise_model
+        n = params.noise
+        warn = scale_warning(n.source, n.prog_scale, n.read_scale, n.drift_scale)
+        if warn:
+            print(warn, file=sys.stderr)
         self.analog_kinds = list(params.cim.analog)
         # Routed experts and routers are always held (replacement reprograms them even when digital).
         kinds = sorted(set(self.analog_kinds) | {"routed_experts", "router"})
         tensors = analog_tensors(self.model, self.adapter, kinds)
-        self.weights = AnalogWeights(tensors, noise_model, tile_rows=params.cim.tile_rows, levels=params.cim.levels)
+        cim = params.cim
+        self.periphery_config = periphery_config(cim.periphery.preset, **cim.periphery.overrides())
+        self.weights = AnalogWeights(tensors, noise_model, tile=cim.tile,
+                                     weight_scaling=cim.weight_scaling or self.periphery_config.weight_scaling,
+                                     levels=cim.levels, variation=ArrayVariation(**cim.variation.model_dump()),
+                                     range_crest=cim.range_crest)
+        self.periphery = None
+        if not self.periphery_config.ideal:  # the ideal periphery costs nothing: no hooks at all
+            self.periphery = Periphery(self.weights, self.periphery_config).install(self.model)
         self._expert_records = [r for r in tensors if r.kind == "routed_experts"]
         self._state_key = None  # what the weights hold now (see set_state)
 
@@ -70,33 +102,40 @@ class Experiment:
     def set_state(self, seed=None, plan=None, scale=None, t_inference_s=None, kinds=None, digital=None):
         """Clean (seed None) or noisy weights, optionally with a replacement plan programmed in.
 
+        scale: noise strength, a multiplier of noise.prog_scale and noise.read_scale (default 1).
         kinds: the analog kinds that get noise (default cim.analog). digital: {layer: [experts]}
-        kept digital (clean), for the heterogeneous analog-digital baseline.
+        kept digital (clean), for the heterogeneous analog-digital baseline. A noisy state runs its
+        matmuls through the periphery, whose noise stream restarts at every call.
         """
         n = self.params.noise
         edit = weight_edit(plan, self.weights.clean_at) if plan and plan["replaced"] else None
-        scale = n.scale if scale is None else scale
+        scale = 1.0 if scale is None else float(scale)
         t_inference_s = n.t_inference_s if t_inference_s is None else t_inference_s
         kinds = self.analog_kinds if kinds is None else kinds
+        if self.periphery is not None:
+            self.periphery.enabled = seed is not None
         # The weights are a pure function of this key, so an unchanged key needs no new noise pass.
         key = json.dumps([seed, plan["layers"] if edit else None, plan["strategy"] if edit else None, scale,
-                          t_inference_s, n.drift_compensation, sorted(kinds), digital], sort_keys=True, default=str)
-        if key == self._state_key:
-            return
-        self._state_key = key
-        if seed is None and edit is None:
-            self.weights.restore()
-            return
-        self.weights.apply(
-            seed=0 if seed is None else seed,
-            scale=scale,
-            t_inference_s=t_inference_s,
-            drift_compensation=n.drift_compensation,
-            edit=edit,
-            kinds=[] if seed is None else kinds,
-        )
-        if digital:
-            self._keep_digital(digital)
+                          t_inference_s, n.model_dump(), sorted(kinds), digital], sort_keys=True, default=str)
+        if key != self._state_key:
+            self._state_key = key
+            if seed is None and edit is None:
+                self.weights.restore()
+            else:
+                self.weights.apply(
+                    seed=0 if seed is None else seed,
+                    prog_scale=n.prog_scale * scale,
+                    read_scale=n.read_scale * scale,
+                    drift_scale=n.drift_scale,
+                    t_inference_s=t_inference_s,
+                    drift_compensation=n.drift_compensation,
+                    edit=edit,
+                    kinds=[] if seed is None else kinds,
+                )
+                if digital:
+                    self._keep_digital(digital)
+        if self.periphery is not None and seed is not None:
+            self.periphery.reseed(seed)
 
     @torch.no_grad()
     def _keep_digital(self, digital):
@@ -104,13 +143,15 @@ class Experiment:
         for rec in self._expert_records:
             for e in digital.get(rec.layer, []):
                 if rec.fused:
-                    rec.tensor[e].copy_(self.weights.clean(rec.name)[e])
+                    self.weights.keep_digital(rec.name, e)
                 elif rec.expert == e:
-                    rec.tensor.copy_(self.weights.clean(rec.name))
+                    self.weights.keep_digital(rec.name, 0)
 
     def restore(self):
         self.weights.restore()
         self._state_key = None
+        if self.periphery is not None:
+            self.periphery.enabled = False
 
     # ---- routing plans ---------------------------------------------------------------------
     def replacement_fns(self, plan) -> dict:

@@ -28,7 +28,7 @@ def _record_routing(exp, windows, plan=None):
 
 # ---- profile ------------------------------------------------------------------------------------
 def run_profile(params, exp=None) -> dict:
-    from romer.pipeline.experiment import Experiment
+    from romer.pipeline.experiment import Experiment, noise_label
     from romer.reporting.plots import plot_profile
 
     exp = exp or Experiment(params)
@@ -234,7 +234,7 @@ def hetero_budgets(exp, plan, fractions) -> dict:
 
 
 def run_evaluate(params, exp=None, log_mlflow=True) -> dict:
-    from romer.pipeline.experiment import Experiment
+    from romer.pipeline.experiment import Experiment, noise_label
     from romer.reporting.plots import plot_eval
 
     t0 = time.time()
@@ -288,8 +288,7 @@ def run_evaluate(params, exp=None, log_mlflow=True) -> dict:
         "tokens": int(eval_w.numel()),
         "seq_len": e.seq_len,
         "seeds": list(e.seeds),
-        "noise": {"source": params.noise.source, "scale": params.noise.scale,
-                  "t_inference_s": params.noise.t_inference_s, "analog": list(params.cim.analog)},
+        "noise": noise_label(params),
         "method": {"tau": params.replace.tau, "strategy": params.replace.strategy,
                    "replaced_experts_expected_plan": plan["replaced"],
                    "replaced_experts_per_chip": mean_ci([per_seed[s]["romer"]["replaced"] for s in e.seeds])["mean"]

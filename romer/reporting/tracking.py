@@ -83,7 +83,9 @@ def log_run(params, ev: dict, extra_metrics=None, strict=False, run_name=None, e
 
         mlflow.set_tracking_uri(cfg.tracking_uri)
         mlflow.set_experiment(cfg.experiment)
-        name = run_name or f"{params.model.source}|{params.noise.source}|x{params.noise.scale}"
+        n = params.noise
+        name = run_name or (f"{params.model.source}|{n.source}|p{n.prog_scale:g} r{n.read_scale:g} d{n.drift_scale:g}"
+                            f"|{params.cim.periphery.preset}|t={n.t_inference_s:g}s")
         with mlflow.start_run(run_name=name) as run:
             flat = {k: ("null" if v is None else v) for k, v in flatten(params.model_dump(mode="json")).items()}
             mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})

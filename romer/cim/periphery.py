@@ -1,0 +1,308 @@
+"""The periphery of the analog arrays: input DAC, output noise, ADC, bound management.
+
+This follows aihwkit's IO-managed forward (aihwkit.simulator.tiles.analog_mvm and RPUCuda's
+forward pass), per array of `cim.tile` inputs (the last dim of every analog matmul). For one input
+vector x of an array with weights W (normalised so that g_max reads as 1, i.e. W / (alpha w_max)):
+
+1. noise management: s = max|x| (`abs_max`), s = nm_std_alpha * std(x) (`std`: an input range of
+   alpha sigma, as aihwkit's learned input range initialised at 3 sigma; here per input vector,
+   since nothing is trained), or s = 1 (`none`);
+2. DAC: x_n = clip(round(x / s / d) * d, +-inp_bound), with d = inp_res * 2 inp_bound;
+3. the array: y_n = W_n x_n, plus per-MVM weight read noise w_noise * sqrt(|W_n| x_n^2) z
+   (aihwkit's PCM_READ w_noise type) and output noise out_noise * z;
+4. ADC: y_n = clip(round(y_n / e) * e, +-out_bound), with e = out_res * 2 out_bound;
+5. bound management `iterative`: a vector whose output clips is run again with its input scaled
+   down by 2, 4, ... (up to max_bm_factor, and while the DAC step stays below max_bm_res);
+6. y = y_n * s * alpha * w_max, summed over the input arrays, in digital.
+
+The engine is a TorchFunctionMode, entered only while an analog module runs (forward pre- and
+post-hooks on the modules that own analog tensors): it intercepts `linear` and `_grouped_mm`
+whose weight lives in an analog tensor, so nn.Linear, routers and transformers' fused experts
+under grouped_mm all go through it. Noise draws come from one generator per device, reseeded for
+every noisy state (`reseed`), so a run is deterministic; each input vector is handled alone (bound
+management too), so results do not depend on the batch a token sits in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from romer.cim.mapping import AnalogWeights, tensor_seed
+
+NOISE_MANAGEMENTS = ("abs_max", "std", "none")
+BOUND_MANAGEMENTS = ("iterative", "none")
+ROW_CHUNK = 1 << 14  # rows of a grouped matmul handled at a time (bounds the per-row scale gather)
+
+
+@dataclass(frozen=True)
+class PeripheryConfig:
+    """One periphery setting; resolutions are fractions of the full range (1 / steps), 0 = ideal."""
+
+    name: str = "ideal"
+    inp_res: float = 0.0
+    inp_bound: float = 1.0
+    noise_management: str = "abs_max"
+    nm_std_alpha: float = 3.0
+    out_res: float = 0.0
+    out_bound: float = 0.0  # 0: unbounded
+    out_noise: float = 0.0
+    bound_management: str = "none"
+    max_bm_factor: float = 1000.0
+    max_bm_res: float = 0.25
+    w_noise: float = 0.0
+    weight_scaling: str = "row"  # the mapping this periphery goes with (romer.cim.mapping)
+
+    def __post_init__(self):
+        if self.noise_management not in NOISE_MANAGEMENTS:
+            raise ValueError(f"noise_management must be one of {NOISE_MANAGEMENTS}, got {self.noise_management!r}")
+        if self.bound_management not in BOUND_MANAGEMENTS:
+            raise ValueError(f"bound_management must be one of {BOUND_MANAGEMENTS}, got {self.bound_management!r}")
+        for k in ("inp_res", "out_res", "out_bound", "out_noise", "w_noise", "max_bm_res"):
+            v = getattr(self, k)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"periphery {k} must be finite and >= 0, got {v}")
+        for k in ("inp_bound", "nm_std_alpha", "max_bm_factor"):
+            v = getattr(self, k)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"periphery {k} must be finite and > 0, got {v}")
+        if self.inp_res >= 1 or self.out_res >= 1:
+            raise ValueError("periphery inp_res and out_res are 1/steps (< 1); 0 means ideal")
+
+    @property
+    def ideal(self) -> bool:
+        return not (self.inp_res or self.out_res or self.out_noise or self.w_noise or self.out_bound)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {
+    "ideal": PeripheryConfig(),
+    # aihwkit IOParameters() defaults: 7-bit DAC, 9-bit ADC, out_noise 0.06, abs-max noise management,
+    # iterative bound management; with the weights scaled per array (weight_scaling_omega 1).
+    "aihwkit-io-default": PeripheryConfig(
+        name="aihwkit-io-default", inp_res=1 / 126, inp_bound=1.0, noise_management="abs_max", out_res=1 / 510,
+        out_bound=12.0, out_noise=0.06, bound_management="iterative", weight_scaling="tile"),
+    # aihwkit StandardHWATrainingPreset forward: 8-bit DAC and ADC, out_bound 10, out_noise 0.04,
+    # PCM_READ w_noise 0.0175, inputs in a 3-sigma range, no bound management, per-row weight scaling.
+    # Not modelled: its ir_drop (1.0) and the learned (static) input range, replaced by a per-vector one.
+    "aihwkit-hwa": PeripheryConfig(
+        name="aihwkit-hwa", inp_res=1 / 254, inp_bound=1.0, noise_management="std", nm_std_alpha=3.0,
+        out_res=1 / 254, out_bound=10.0, out_noise=0.04, bound_management="none", w_noise=0.0175,
+        weight_scaling="row"),
+}
+
+
+def periphery_config(preset: str, **overrides) -> PeripheryConfig:
+    """A preset with explicit keys overriding it (None values are ignored)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown periphery preset {preset!r}; known: {list(PRESETS)}")
+    over = {k: v for k, v in overrides.items() if v is not None}
+    cfg = PRESETS[preset]
+    return replace(cfg, name=preset if not over else f"{preset}+custom", **over) if over else cfg
+
+
+def _quantize_(x: torch.Tensor, step: float) -> torch.Tensor:
+    return x.div_(step).round_().mul_(step) if step > 0 else x
+
+
+class Periphery(TorchFunctionMode):
+    """Runs every analog matmul of a model through the periphery (see the module docstring)."""
+
+    def __init__(self, weights: AnalogWeights, config: PeripheryConfig):
+        super().__init__()
+        self.weights = weights
+        self.cfg = config
+        self.enabled = False
+        self._by_storage = {}
+        self._gens = {}
+        self._seed = 0
+        self._abs = {}
+        self._depth = 0
+        self._hooks = []
+
+    # ---- state -----------------------------------------------------------------------------
+    def reseed(self, seed: int):
+        """Start the noise stream of a new noisy state (and forget cached |W|)."""
+        self._seed = int(seed)
+        self._gens = {}
+        self._abs = {}
+        self._by_storage = {}
+        for rec in self.weights.records:
+            if self.weights.scale(rec.name) is not None:
+                self._by_storage[rec.tensor.untyped_storage().data_ptr()] = rec
+
+    def _gen(self, device) -> torch.Generator:
+        key = str(device)
+        g = self._gens.get(key)
+        if g is None:
+            g = self._gens[key] = torch.Generator(device=device)
+            g.manual_seed(tensor_seed(self._seed, "periphery"))
+        return g
+
+    def _randn(self, shape, like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(shape, generator=self._gen(like.device), device=like.device, dtype=torch.float32)
+
+    # ---- installation ----------------------------------------------------------------------
+    def install(self, model: torch.nn.Module):
+        """Hook the modules that own analog tensors: the mode is on while they run."""
+        ptrs = {r.tensor.untyped_storage().data_ptr() for r in self.weights.records}
+        for module in model.modules():
+            if any(p.untyped_storage().data_ptr() in ptrs for p in module.parameters(recurse=False)):
+                self._hooks.append(module.register_forward_pre_hook(self._enter_hook))
+                self._hooks.append(module.register_forward_hook(self._exit_hook, always_call=True))
+        return self
+
+    def remove(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def _enter_hook(self, module, args):
+        if self.enabled:
+            if self._depth == 0:
+                self.__enter__()
+            self._depth += 1
+
+    def _exit_hook(self, module, args, output):
+        if self._depth:
+            self._depth -= 1
+            if self._depth == 0:
+                self.__exit__(None, None, None)
+
+    # ---- dispatch --------------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear or func is torch._C._nn.linear:
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            rec = self._lookup(w)
+            if rec is not None:
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                return self._linear(args[0] if args else kwargs["input"], w, bias, rec)
+        elif func is torch._grouped_mm:
+            w = args[1]
+            rec = self._lookup(w)
+            if rec is not None and kwargs.get("bias") is None and w.dim() == 3:
+                offs = kwargs.get("offs", args[2] if len(args) > 2 else None)
+                return self._grouped(args[0], w, offs, rec, kwargs.get("out_dtype"))
+        return func(*args, **kwargs)
+
+    def _lookup(self, w):
+        if not isinstance(w, torch.Tensor) or not self._by_storage:
+            return None
+        return self._by_storage.get(w.untyped_storage().data_ptr())
+
+    # ---- matmuls ---------------------------------------------------------------------------
+    def _linear(self, x, w, bias, rec):
+        mask = self.weights.digital_mask(rec.name)
+        if mask is not None and bool(mask.all()):
+            return F.linear(x, w, bias)
+        scale = self.weights.scale(rec.name)[0]  # [out, nt]
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        wt = w.t()  # [in, out]
+
+        def mm(xs, a, b, absw=False):
+            ww = self._absw(rec, w).t()[a:b] if absw else wt[a:b]
+            return xs.to(ww.dtype) @ ww
+
+        y = self._mvm(x2, mm, lambda rows: scale, scale.shape[-1], w.shape[-1])
+        y = y.to(x.dtype).reshape(*shape[:-1], w.shape[0])
+        return y if bias is None else y + bias
+
+    def _grouped(self, x, w_t, offs, rec, out_dtype):
+        """torch._grouped_mm(x [S, in], w_t [E, in, out], offs) through the periphery."""
+        scale = self.weights.scale(rec.name)  # [E, out, nt]
+        E = w_t.shape[0]
+        counts = torch.diff(offs.to(torch.int64), prepend=offs.new_zeros(1, dtype=torch.int64))
+        expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts)  # expert of each row
+        n = expert.numel()
+        out = torch.zeros((x.shape[0], w_t.shape[-1]), dtype=out_dtype or x.dtype, device=x.device)
+        if n == 0:
+            return out
+        for r0 in range(0, n, ROW_CHUNK):
+            ex = expert[r0:r0 + ROW_CHUNK]
+            xs = x[r0:r0 + ex.numel()]
+
+            def mm(xr, a, b, absw=False, rows=None):
+                e = ex if rows is None else ex[rows]
+                o = torch.cumsum(torch.bincount(e, minlength=E), 0).to(torch.int32)
+                ww = self._absw(rec, w_t) if absw else w_t
+                return torch._grouped_mm(xr.to(ww.dtype).contiguous(), ww[:, a:b, :], offs=o)
+
+            y = self._mvm(xs, mm, lambda rows, ex=ex: scale[ex if rows is None else ex[rows]], scale.shape[-1],
+                          w_t.shape[-2], grouped=True)
+            mask = self.weights.digital_mask(rec.name)
+            if mask is not None and bool(mask[ex].any()):
+                o = torch.cumsum(torch.bincount(ex, minlength=E), 0).to(torch.int32)
+                exact = torch._grouped_mm(xs.to(w_t.dtype).contiguous(), w_t, offs=o)
+                y = torch.where(mask[ex].unsqueeze(-1), exact.to(y.dtype), y)
+            out[r0:r0 + ex.numel()] = y.to(out.dtype)
+        return out
+
+    def _absw(self, rec, w):
+        a = self._abs.get(rec.name)
+        if a is None:
+            a = self._abs[rec.name] = w.abs()
+        return a
+
+    def _mvm(self, x, mm, scale_of, nt, n_in, grouped=False):
+        """Sum over input arrays of the periphery-managed array outputs, in real units [N, out]."""
+        c = self.cfg
+        R = -(-n_in // nt)
+        d_in = c.inp_res * 2 * c.inp_bound
+        e_out = c.out_res * 2 * c.out_bound
+        limit = min(c.max_bm_factor, c.max_bm_res / d_in if d_in > 0 else math.inf)
+        y = None
+        for t in range(nt):
+            a, b = t * R, min(n_in, (t + 1) * R)
+            xt = x[:, a:b].to(torch.float32)
+            if c.noise_management == "abs_max":
+                s = xt.abs().amax(dim=-1, keepdim=True)
+            elif c.noise_management == "std":
+                s = xt.std(dim=-1, keepdim=True, correction=0).mul_(c.nm_std_alpha)
+            else:
+                s = torch.ones((xt.shape[0], 1), dtype=torch.float32, device=xt.device)
+            s = torch.where(s > 0, s, torch.ones_like(s))
+
+            def run(rows, red):
+                xs = xt if rows is None else xt[rows]
+                ss = (s if rows is None else s[rows]) * red
+                xn = _quantize_(xs / ss, d_in).clamp_(-c.inp_bound, c.inp_bound)
+                kw = {} if not grouped else {"rows": rows}
+                ws = scale_of(rows)[..., t]  # [N or 1, out]: alpha * w_max
+                yn = mm(xn, a, b, **kw).to(torch.float32).div_(ws)
+                if c.w_noise > 0:
+                    var = mm(xn * xn, a, b, absw=True, **kw).to(torch.float32).div_(ws).clamp_(min=0)
+                    yn.addcmul_(var.sqrt_(), self._randn(yn.shape, yn), value=c.w_noise)
+                if c.out_noise > 0:
+                    yn.add_(self._randn(yn.shape, yn), alpha=c.out_noise)
+                _quantize_(yn, e_out)
+                clipped = None
+                if c.out_bound > 0:
+                    clipped = (yn.abs() > c.out_bound).any(dim=-1)
+                    yn.clamp_(-c.out_bound, c.out_bound)
+                return yn.mul_(ws).mul_(ss), clipped
+
+            yt, clipped = run(None, 1.0)
+            if c.bound_management == "iterative" and clipped is not None:
+                red = 1.0
+                rows = clipped.nonzero().squeeze(-1)
+                while rows.numel() and red <= limit:
+                    red *= 2.0
+                    yr, cl = run(rows, red)
+                    yt[rows] = yr
+                    rows = rows[cl]
+            y = yt if y is None else y.add_(yt)
+        return y
+
+
+def out_rel_err(y_noisy: torch.Tensor, y: torch.Tensor) -> float:
+    """||y' - y|| / ||y||."""
+    return float((y_noisy.double() - y.double()).norm() / y.double().norm())
