@@ -26,13 +26,13 @@ from romer.pipeline.experiment import Experiment
 
 # name: (noise overrides, cim overrides, periphery preset)
 REGIMES = {
-    "1h, ideal periphery, row scaling": ({"t_inference_s": 3600}, {"weight_scaling": "row"}, "ideal"),
-    "1d, ideal periphery, row scaling": ({"t_inference_s": 86400}, {"weight_scaling": "row"}, "ideal"),
-    "1d, ideal periphery, tile scaling": ({"t_inference_s": 86400}, {"weight_scaling": "tile"}, "ideal"),
-    "1h, aihwkit-io-default": ({"t_inference_s": 3600}, {}, "aihwkit-io-default"),
-    "1d, aihwkit-io-default": ({"t_inference_s": 86400}, {}, "aihwkit-io-default"),
-    "1d, aihwkit-hwa": ({"t_inference_s": 86400}, {}, "aihwkit-hwa"),
-    "1y, aihwkit-io-default": ({"t_inference_s": 31536000}, {}, "aihwkit-io-default"),
+    "1h, ideal periphery, row scaling": ({"t_inference_s": 3600}, {"weight_scaling": "row", "range_crest": None}, "ideal"),
+    "1d, ideal periphery, row scaling": ({"t_inference_s": 86400}, {"weight_scaling": "row", "range_crest": None}, "ideal"),
+    "1d, ideal periphery, tile scaling": ({"t_inference_s": 86400}, {"weight_scaling": "tile", "range_crest": None}, "ideal"),
+    "1h, aihwkit-io-default": ({"t_inference_s": 3600}, {"range_crest": None}, "aihwkit-io-default"),
+    "1d, aihwkit-io-default": ({"t_inference_s": 86400}, {"range_crest": None}, "aihwkit-io-default"),
+    "1d, aihwkit-hwa": ({"t_inference_s": 86400}, {"range_crest": None}, "aihwkit-hwa"),
+    "1y, aihwkit-io-default": ({"t_inference_s": 31536000}, {"range_crest": None}, "aihwkit-io-default"),
     "1d, aihwkit-io-default, crest 8": ({"t_inference_s": 86400}, {"range_crest": 8.0}, "aihwkit-io-default"),
     "1d, aihwkit-io-default, crest 12": ({"t_inference_s": 86400}, {"range_crest": 12.0}, "aihwkit-io-default"),
     "1d, aihwkit-io-default, crest 15": ({"t_inference_s": 86400}, {"range_crest": 15.0}, "aihwkit-io-default"),

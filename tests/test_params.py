@@ -69,6 +69,8 @@ def test_committed_params_are_valid():
     ({"cim.tile": [512, 512, 512]}, "key 'cim.tile'"),
     ({"cim.tile": 512}, "key 'cim.tile'"),
     ({"cim.weight_scaling": "column"}, "key 'cim.weight_scaling'"),
+    ({"cim.range_crest": 0}, "key 'cim.range_crest'"),
+    ({"cim.range_crest": float("inf")}, "key 'cim.range_crest'"),
     ({"cim.periphery.preset": "perfect"}, "key 'cim.periphery.preset'"),
     ({"cim.periphery.inp_res": 1.0}, "key 'cim.periphery.inp_res'"),
     ({"cim.periphery.out_res": -0.1}, "key 'cim.periphery.out_res'"),
@@ -151,9 +153,9 @@ def test_noise_and_cim_params_defaults_overrides_and_label():
     assert not ArrayVariation(**p.cim.variation.model_dump()).active  # variation off by default
     assert p.beyond.scales == [0.5, 1, 2, 3, 4, 6]
 
-    q = Params.model_validate({"cim": {"tile": None, "weight_scaling": "row", "periphery": {
+    q = Params.model_validate({"cim": {"tile": None, "weight_scaling": "row", "range_crest": None, "periphery": {
         "preset": "aihwkit-hwa", "out_noise": 0.0, "out_bound": 8, "bound_management": "iterative"}}})
-    assert q.cim.tile is None and q.cim.weight_scaling == "row"
+    assert q.cim.tile is None and q.cim.weight_scaling == "row" and q.cim.range_crest is None
     assert q.cim.periphery.overrides() == {"out_noise": 0.0, "out_bound": 8.0, "bound_management": "iterative"}
     cfg = periphery_config(q.cim.periphery.preset, **q.cim.periphery.overrides())
     assert (cfg.out_noise, cfg.out_bound, cfg.bound_management) == (0.0, 8.0, "iterative")
@@ -164,7 +166,9 @@ def test_noise_and_cim_params_defaults_overrides_and_label():
 
     lab = noise_label(p, 2.0)
     assert set(lab) == {"source", "prog_scale", "read_scale", "drift_scale", "strength", "t_inference_s",
-                        "drift_compensation", "analog", "tile", "weight_scaling", "periphery", "variation"}
+                        "drift_compensation", "analog", "tile", "weight_scaling", "range_crest", "periphery",
+                        "variation"}
+    assert lab["range_crest"] == p.cim.range_crest
     assert (lab["prog_scale"], lab["read_scale"], lab["drift_scale"], lab["strength"]) == (2.0, 2.0, 1.0, 2.0)
     assert lab["periphery"]["preset"] == "aihwkit-io-default" and lab["tile"] == [512, 512]
     assert json.loads(json.dumps(lab)) == lab  # eval.json material

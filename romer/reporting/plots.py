@@ -90,7 +90,7 @@ def plot_eval(ev: dict, out_dir):
 
 
 def plot_sweep(sw: dict, out_dir):
-    """PPL and load CV against the noise scale, noisy vs ROMER."""
+    """PPL and load CV against the noise strength, noisy vs ROMER."""
     out_dir = Path(out_dir)
     _csv(out_dir / "sweep.csv", ["scale", "noisy", "romer", "cv_noisy", "cv_romer"],
          [[s, round(a, 4), round(b, 4), round(c, 5), round(d, 5)]
@@ -101,16 +101,16 @@ def plot_sweep(sw: dict, out_dir):
         hi = [sw[f"{key}_ci95"][i][1] - sw[key][i] for i in range(len(sw["scale"]))]
         a1.errorbar(sw["scale"], sw[key], yerr=[lo, hi], marker="o", capsize=3, label=label)
     a1.axhline(sw["clean"], color="tab:green", ls="--", label="clean")
-    a1.set_xlabel("noise scale")
+    a1.set_xlabel("noise strength (x prog and read scales)")
     a1.set_ylabel("perplexity")
     a1.set_yscale("log")
     a1.legend(fontsize=8)
     a2.plot(sw["scale"], sw["cv_noisy"], marker="o", label="noisy")
     a2.plot(sw["scale"], sw["cv_romer"], marker="o", label="ROMER")
-    a2.set_xlabel("noise scale")
+    a2.set_xlabel("noise strength (x prog and read scales)")
     a2.set_ylabel("CV of expert load (layer mean)")
     a2.legend(fontsize=8)
-    fig.suptitle(f"noise-scale sweep, {len(sw['seeds'])} seeds, 95% CI", fontsize=10)
+    fig.suptitle(f"noise-strength sweep, {len(sw['seeds'])} seeds, 95% CI", fontsize=10)
     _save(fig, out_dir / "sweep.png")
 
 

@@ -15,6 +15,16 @@ LABELS = {
 }
 
 
+
+def noise_text(n: dict) -> str:
+    """One phrase for eval.json's `noise`: source, scales, read time, periphery, crest."""
+    per = (n.get("periphery") or {}).get("preset", "?")
+    crest = n.get("range_crest")
+    return (f"noise `{n.get('source', '?')}` at prog/read/drift scales {n.get('prog_scale', float('nan')):g}/"
+            f"{n.get('read_scale', float('nan')):g}/{n.get('drift_scale', float('nan')):g}, t = "
+            f"{n.get('t_inference_s', float('nan')):g} s, periphery `{per}`, range_crest "
+            f"{'none' if crest is None else format(crest, 'g')}")
+
 def _fmt_ci(s):
     return f"{s['mean']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]"
 
@@ -43,7 +53,7 @@ def eval_table(ev: dict) -> str:
     lines.append(
         f"ROMER lowers the noisy perplexity by **{ev['ppl_reduction_pct']:.1f}%** (95% CI of the paired per-seed "
         f"reduction: {lo:.1f}% to {hi:.1f}%), on `{ev['dataset']}` ({ev['tokens']:,} tokens, {len(ev['seeds'])} noise "
-        f"seeds), noise `{n['source']}` x{n['scale']:g} at t = {n['t_inference_s']:g} s, analog: "
+        f"seeds), {noise_text(n)}, analog: "
         f"{', '.join(n['analog'])}. Method: {ev['method']['strategy']}, tau {ev['method']['tau']:g} "
         f"({ev['method']['replaced_experts_per_chip']:g} experts replaced per chip), percentiles "
         f"{ev['method']['percentiles']}, "
@@ -117,7 +127,8 @@ def write_report(path="metrics/report.md") -> str:
                "![ppl](plots/eval_ppl.png) ![cv](plots/eval_cv_per_layer.png)", ""]
     if _exists("metrics/sweep.json"):
         sw = read_json("metrics/sweep.json")
-        md += ["## Noise-scale sweep", "", "| scale | noisy PPL | ROMER PPL | PPL reduction by ROMER [95% CI] | CV noisy | CV ROMER |",
+        md += ["## Noise-strength sweep", "", "(strength: a multiplier of noise.prog_scale and noise.read_scale)", "",
+               "| strength | noisy PPL | ROMER PPL | PPL reduction by ROMER [95% CI] | CV noisy | CV ROMER |",
                "|---|---|---|---|---|---|"]
         for i, s in enumerate(sw["scale"]):
             lo, hi = sw["reduction_ci95"][i]
@@ -128,7 +139,7 @@ def write_report(path="metrics/report.md") -> str:
         dr = read_json("metrics/drift.json")
         n = dr.get("noise", {})
         md += ["## Drift over deployment time", "",
-               f"Noise `{n.get('source', '?')}` x{n.get('scale', float('nan')):g}, global drift compensation "
+               f"{noise_text(n).capitalize() if n else 'Noise ?'}, global drift compensation "
                f"{'on' if n.get('drift_compensation') else 'off'}; ROMER's plan and maps made at t0 = "
                f"{dr.get('t0_s', float('nan')):g} s (clean PPL {dr['clean']:.2f}).", "",
                "| t | noisy PPL | ROMER (calibrated at t0) | ROMER (re-calibrated) |",
