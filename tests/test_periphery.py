@@ -271,8 +271,6 @@ def test_every_input_array_has_its_own_noise_management():
     assert torch.allclose(y, xq @ lin.weight.t(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="romer bug: Periphery._mvm cuts the inputs into arrays of ceil(n_in / nt) "
-                                       "instead of the mapping's tile rows when n_in is not a multiple of them")
 def test_periphery_arrays_are_the_mapping_arrays():
     """10 inputs on arrays of 6 rows: arrays [0:6] and [6:10]. All weights 1, inputs 1, out_bound 5: the first
     array reads 6 and clips at 5, the second reads 4, so the periphery gives 9 (it gives 10 when it cuts the
@@ -290,7 +288,8 @@ def test_ideal_periphery_is_the_digital_matmul():
     aw = analog(lin, PCM, tile=(32, 8), scaling="row", t_inference_s=86400.0)
     x = inputs(32, 80, spread=True)
     y = through(lin, aw, PeripheryConfig(), x)
-    assert torch.allclose(y, x @ lin.weight.t(), rtol=1e-5, atol=1e-6 * float(x.abs().max()))
+    # float32 rounding of the per-array partial sums (and of the scale round trips) only
+    assert torch.allclose(y, x @ lin.weight.t(), rtol=1e-5, atol=1e-5 * float(x.abs().max()))
 
 
 def test_digital_linear_bypasses_the_periphery():
@@ -359,10 +358,6 @@ def test_grouped_rows_match_the_linear_path_per_expert():
         start += n
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="romer bug: Periphery._grouped hands torch._grouped_mm the weight slice w_t[:, a:b, :] of "
-                          "each input array; on CPU it must start on a 16-byte boundary, so arrays of a row count "
-                          "that is not a multiple of 4 (fp32) crash with 'strides should be multiple of 16 bytes'")
 def test_grouped_path_runs_for_any_array_size():
     cfg = periphery_config(IO, out_noise=0.0)
     w, aw = fused(n_in=12, tile=(6, 24), noise=no_noise())

@@ -239,3 +239,7 @@ def test_eval_json_records_provenance_and_versions(tmp_path, monkeypatch, one_th
     assert ev["provenance"] == {"model_sha256": model_files_sha256(model_dir),
                                 "noise_model_sha256": hash_file(tmp_path / "noise" / "noise_model.json")}
     assert ev["versions"] == versions() and ev["versions"]["transformers"]
+    from romer.pipeline.experiment import noise_label
+
+    assert ev["noise"] == noise_label(params)  # what the noisy numbers were made at (the architectures check)
+    assert ev["noise"]["prog_scale"] == params.noise.prog_scale and "scale" not in ev["noise"]

@@ -159,12 +159,13 @@ class Periphery(TorchFunctionMode):
         """N(0,1) noise of `shape`. Drawing every normal costs ~5 ns on a CPU, more than the matmul
         whose outputs it perturbs in a 128-wide model, so by default the normals of one noisy state
         come from a pool of 2^k exact normals (drawn once per state, 0.1 s for k = 24), read at a
-        fresh uniformly random offset for every matmul: each value is exactly N(0,1), and two given
-        outputs share a draw only if their offsets line up, with probability 2^-k per pair."""
+        fresh uniformly random offset for every matmul that needs at most 2^(k-4) of them (larger
+        ones draw fresh): each value is exactly N(0,1), and two given outputs share a draw only if
+        their offsets line up, with probability 2^-k per pair."""
         gen = self._gen(like.device)
         n = math.prod(shape)
         k = self.cfg.noise_pool_log2
-        if k == 0 or n > (1 << k):
+        if k == 0 or n > (1 << max(k - 4, 0)):  # a matmul reads at most 1/16 of the pool, else fresh draws
             return torch.randn(shape, generator=gen, device=like.device, dtype=torch.float32)
         key = str(like.device)
         pool = self._pools.get(key)
@@ -261,7 +262,13 @@ class Periphery(TorchFunctionMode):
                 e = ex if rows is None else ex[rows]
                 o = torch.cumsum(torch.bincount(e, minlength=E), 0).to(torch.int32)
                 ww = self._absw(rec, w_t) if absw else w_t
-                return torch._grouped_mm(xr.to(ww.dtype).contiguous(), ww[:, a:b, :], offs=o)
+                xr = xr.to(ww.dtype)
+                if b - a != ww.shape[1]:  # one input array of several: _grouped_mm needs 16-byte aligned rows
+                    ww = self._slice(rec, ww, a, b, absw)
+                    pad = ww.shape[1] - (b - a)
+                    if pad:
+                        xr = F.pad(xr, (0, pad))
+                return torch._grouped_mm(xr.contiguous(), ww, offs=o)
 
             y = self._mvm(xs, mm, lambda rows, t, ex=ex: table[t].index_select(0, ex if rows is None else ex[rows]),
                           nt, w_t.shape[-2], grouped=True)
@@ -280,6 +287,16 @@ class Periphery(TorchFunctionMode):
             tab = self._tables[rec.name] = self.weights.scale(rec.name).permute(2, 0, 1).contiguous()
         return tab
 
+    def _slice(self, rec, w, a, b, absw):
+        """Inputs a:b of a grouped weight [E, in, out], contiguous and zero-padded to 8 rows."""
+        key = (rec.name, a, b, absw)
+        s = self._abs.get(key)
+        if s is None:
+            s = w[:, a:b, :].contiguous()
+            pad = -(b - a) % 8
+            s = self._abs[key] = F.pad(s, (0, 0, 0, pad)) if pad else s
+        return s
+
     def _absw(self, rec, w):
         a = self._abs.get(rec.name)
         if a is None:
@@ -292,7 +309,7 @@ class Periphery(TorchFunctionMode):
         Inputs are carried in DAC steps and outputs in ADC steps, so that each step of the
         periphery is one elementwise pass (rounding, noise, clipping) over the vector."""
         c = self.cfg
-        R = -(-n_in // nt)
+        R = self.weights.input_tile(n_in)  # the mapping's arrays (the last one may be narrower)
         d_in = c.inp_res * 2 * c.inp_bound
         e_out = c.out_res * 2 * c.out_bound
         dq, eq = (d_in if d_in > 0 else 1.0), (e_out if e_out > 0 else 1.0)
