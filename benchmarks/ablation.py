@@ -1,7 +1,7 @@
 """Ablation that chooses the defaults of the method, on the VALIDATION split (never test).
 
 Parts (each optional):
-  scales     noisy PPL against noise.scale: where the default noise lies (1.5x-4x clean).
+  scales     noisy PPL against the noise strength (a multiplier of noise.prog_scale and read_scale).
   parts      damage decomposition: noise on one analog kind at a time (router, attention, ...).
   methods    ROMER variants at the default noise: replacement strategy x tau, percentiles,
              calibration mode and layer-wise calibration; each against the same noisy seeds.
@@ -22,7 +22,7 @@ import torch
 
 from romer.evaluation.measure import mean_ci, paired_reduction, perplexity
 from romer.core.numerics import set_determinism
-from romer.pipeline.experiment import Experiment
+from romer.pipeline.experiment import Experiment, with_strength
 from romer.core.io import write_json
 from romer.core.params import load_params
 from romer.pipeline.stages import compute_percentiles, evaluate_seed, profile_routing
@@ -42,8 +42,8 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--parts", nargs="+", default=["scales", "parts", "limits", "methods"])
-    ap.add_argument("--scales", type=float, nargs="+", default=[1, 2, 4, 8, 16, 32])
-    ap.add_argument("--scale", type=float, default=None, help="noise scale of the method ablation (default: params)")
+    ap.add_argument("--scales", type=float, nargs="+", default=[0.5, 1, 2, 4, 8])
+    ap.add_argument("--scale", type=float, default=1.0, help="noise strength of the method ablation (default 1)")
     ap.add_argument("--strategies", nargs="+", default=["copy_router", "split", "average"])
     ap.add_argument("--taus", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--percentiles", type=float, nargs="+", default=[5, 95, 25, 75, 10, 90, 1, 99])
@@ -76,8 +76,8 @@ def main(argv=None):
             print(f"scale {s:6.2f}: noisy PPL {st['mean']:.2f} +/- {st['std']:.2f} ({st['mean'] / clean:.2f}x clean)")
         out["scales"] = rows
 
-    scale = args.scale if args.scale is not None else params.noise.scale
-    exp.params = with_params(exp, noise={"scale": scale})
+    scale = args.scale
+    exp.params = with_strength(exp.params, scale)
     out["scale"] = scale
 
     if "parts" in args.parts:
@@ -134,9 +134,8 @@ def main(argv=None):
         results = []
         for cfg in configs:
             t1 = time.time()
-            exp.params = with_params(exp, noise={"scale": scale},
-                                     replace={"tau": cfg["tau"], "strategy": cfg["strategy"]},
-                                     calibrate={"percentiles": cfg["percentiles"], "layerwise": cfg["layerwise"]})
+            exp.params = with_params(exp, replace={"tau": cfg["tau"], "strategy": cfg["strategy"]},
+                         calibrate={"percentiles": cfg["percentiles"], "layerwise": cfg["layerwise"]})
             plan = make_plan(profile["noisy_load"], cfg["tau"], exp.params.replace.max_per_layer, cfg["strategy"])
             pct = compute_percentiles(exp, plan, calib_w)
             per_seed = {s: evaluate_seed(exp, s, eval_w, calib_w, plan, pct, clean_rec,

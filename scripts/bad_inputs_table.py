@@ -64,7 +64,7 @@ def cases(tmp):
     return [
         ("params: misspelt key", {"noise.scael": 2}, ["stages/fit_noise.py"]),
         ("params: out-of-range value", {"calibrate.percentiles": [95, 5]}, ["stages/fit_noise.py"]),
-        ("params: wrong type", {"noise.scale": "high"}, ["stages/fit_noise.py"]),
+        ("params: wrong type", {"noise.prog_scale": "high"}, ["stages/fit_noise.py"]),
         ("params: unknown analog kind", {"cim.analog": ["experts"]}, ["stages/profile.py"]),
         ("params: empty seed list", {"eval.seeds": []}, ["stages/evaluate.py"]),
         ("params: missing chip CSV", {"noise.source": "data/chip/missing.csv"}, ["stages/fit_noise.py"]),

@@ -38,7 +38,7 @@ TINY = {
     "builtin": {"max_chars": 200_000, "vocab_size": 384, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
                 "num_experts": 8, "top_k": 2, "intermediate_size": 32, "seq_len": 64, "batch_size": 8,
                 "steps": 40, "warmup_steps": 5, "eval_every": 20, "eval_windows": 4},
-    "noise": {"source": "data/chip/pcm_sample.csv", "scale": 8.0},
+    "noise": {"source": "data/chip/pcm_sample.csv", "prog_scale": 3.0, "read_scale": 3.0},
     "calib": {"n_seqs": 8, "seq_len": 64, "batch_size": 8, "seeds": [100]},
     "eval": {"seq_len": 64, "max_tokens": 2048, "seeds": [0, 1], "tasks": ["builtin_cloze"], "task_limit": 8,
              "hetero_fractions": [0.25]},
