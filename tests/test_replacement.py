@@ -129,3 +129,37 @@ def test_average_strategy_sentinel_is_safe_with_grouped_mm():
         assert (rec.cat_indices(blocks[0].layer) == E).any()  # the recorder keeps the sentinel
     assert torch.isfinite(outs["grouped_mm"]).all()
     assert torch.allclose(outs["eager"], outs["grouped_mm"], atol=1e-4)
+
+
+def test_least_noisy_placement_puts_copies_on_the_best_arrays():
+    from romer.methods.replacement import make_plan
+
+    load = {0: [0.30, 0.30, 0.20, 0.10, 0.04, 0.03, 0.02, 0.01]}  # tau 0.5: experts 4-7 are cold (< 1/16)
+    noise = {0: [1.0, 1.0, 1.0, 1.0, 0.7, 1.3, 0.9, 1.5]}
+    cold = make_plan(load, 0.5, 2, "split")
+    assert [(p["slot"], p["source"]) for p in cold["layers"]["0"]] == [(7, 0), (6, 1)] and cold["placement"] == "coldest"
+    best = make_plan(load, 0.5, 2, "split", slot_noise=noise, placement="least_noisy")
+    # the two cold slots on the least noisy arrays (4: 0.7, 6: 0.9), the hottest copy on the best one
+    assert [(p["slot"], p["source"]) for p in best["layers"]["0"]] == [(4, 0), (6, 1)]
+    assert make_plan(load, 0.5, 2, "split", placement="least_noisy")["placement"] == "coldest"  # no chip model
+
+
+def test_expert_array_noise_follows_the_chip_variation():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_models import build
+
+    from romer.cim.noise_models import pcm_joshi2020
+    from romer.core.params import Params
+    from romer.pipeline.experiment import Experiment
+
+    model = build("olmoe")
+    exp = Experiment(Params(cim={"variation": {"sigma_spread": 0.3}}), model=model, noise_model=pcm_joshi2020())
+    a, again, other = exp.expert_array_noise(3), exp.expert_array_noise(3), exp.expert_array_noise(4)
+    assert a == again and a != other  # seeded per chip
+    assert set(a) == set(exp.layers) and all(len(v) == exp.num_experts for v in a.values())
+    vals = torch.tensor([x for v in a.values() for x in v])
+    assert vals.std() > 0.05 and (vals > 0).all()  # lognormal multipliers of sigma 0.3, averaged over 2 parts
+    assert Experiment(Params(), model=model, noise_model=pcm_joshi2020()).expert_array_noise(3) is None

@@ -183,6 +183,8 @@ class ReplaceParams(_Section):
     tau: float = Field(0.25, ge=0)
     max_per_layer: int = Field(2, ge=0)
     strategy: Literal["copy_router", "split", "average"] = "split"
+    # coldest | least_noisy: which underactivated slots get the copies (least_noisy needs cim.variation)
+    placement: Literal["coldest", "least_noisy"] = "coldest"
 
 
 class CalibrateParams(_Section):

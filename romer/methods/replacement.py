@@ -3,7 +3,9 @@
 The plan is made from the expert load profiled under noise: an expert with load < tau / E is
 underactivated. Up to `max_per_layer` of them per layer (the coldest first) are reprogrammed with a
 copy of a distinct hot expert's clean weights (the hottest first). The copy is a new physical array,
-so it gets its own noise draw.
+so it gets its own noise draw. With `placement: least_noisy` and a chip-level model of its arrays
+(cim.variation), the slots are the underactivated experts whose arrays are the least noisy, and
+the hottest expert's copy goes to the least noisy of them.
 
 Router treatments (`replace.strategy`, a choice of this project; the paper does not fix it):
 - copy_router: the slot also gets the hot expert's router row; the two compete in top-k as usual.
@@ -20,15 +22,32 @@ import torch
 STRATEGIES = ("copy_router", "split", "average")
 
 
-def make_plan(noisy_load: dict, tau: float, max_per_layer: int, strategy: str) -> dict:
-    """noisy_load: {layer: [E] load fractions} -> plan dict (JSON-serialisable)."""
+PLACEMENTS = ("coldest", "least_noisy")
+
+
+def make_plan(noisy_load: dict, tau: float, max_per_layer: int, strategy: str, slot_noise: dict | None = None,
+              placement: str = "coldest") -> dict:
+    """noisy_load: {layer: [E] load fractions} -> plan dict (JSON-serialisable).
+
+    slot_noise: {layer: [E]} noise level of each expert's arrays (the chip's sigma multiplier),
+    used by placement "least_noisy"; without it the placement is "coldest".
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}")
+    if slot_noise is None:
+        placement = "coldest"
     layers = {}
     for layer, load in sorted(noisy_load.items(), key=lambda kv: int(kv[0])):
         load = torch.as_tensor(load, dtype=torch.float64)
         E = load.numel()
-        cold = [int(i) for i in torch.argsort(load) if load[i] < tau / E][:max_per_layer]
+        cold = [int(i) for i in torch.argsort(load) if load[i] < tau / E]
+        if placement == "least_noisy":
+            noise = torch.as_tensor(slot_noise[layer] if layer in slot_noise else slot_noise[str(layer)],
+                                    dtype=torch.float64)
+            cold = sorted(cold, key=lambda i: (float(noise[i]), float(load[i])))
+        cold = cold[:max_per_layer]
         hot = [int(i) for i in torch.argsort(load, descending=True) if int(i) not in cold][: len(cold)]
         pairs = [
             {"slot": s, "source": h, "slot_load": float(load[s]), "source_load": float(load[h])}
@@ -38,6 +57,7 @@ def make_plan(noisy_load: dict, tau: float, max_per_layer: int, strategy: str) -
         layers[str(layer)] = pairs
     return {
         "strategy": strategy,
+        "placement": placement,
         "tau": tau,
         "max_per_layer": max_per_layer,
         "layers": layers,

@@ -147,6 +147,25 @@ class Experiment:
                 elif rec.expert == e:
                     self.weights.keep_digital(rec.name, 0)
 
+    def expert_array_noise(self, seed):
+        """{layer: [E]} mean sigma multiplier of each routed expert's arrays on chip `seed` (what the
+        chip-level noise model says about where the good arrays are), or None without cim.variation."""
+        sums, counts = {}, {}
+        for rec in self._expert_records:
+            v = self.weights.array_variation(seed, rec.name)
+            if v is None:
+                return None
+            m = v["sigma_mult"].reshape(v["sigma_mult"].shape[0], -1).mean(dim=1).cpu().double()  # per matrix
+            s = sums.setdefault(rec.layer, torch.zeros(self.num_experts, dtype=torch.float64))
+            c = counts.setdefault(rec.layer, torch.zeros(self.num_experts, dtype=torch.float64))
+            if rec.fused:
+                s += m
+                c += 1
+            else:
+                s[rec.expert] += m[0]
+                c[rec.expert] += 1
+        return {layer: (sums[layer] / counts[layer].clamp(min=1)).tolist() for layer in sums}
+
     def restore(self):
         self.weights.restore()
         self._state_key = None

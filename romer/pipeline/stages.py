@@ -166,16 +166,18 @@ def method_specs(modes=("per_chip",), hetero=None, analog=()):
     return specs
 
 
-def plan_from_report(rep: dict, r) -> dict:
+def plan_from_report(rep: dict, r, slot_noise=None) -> dict:
     """Replacement plan (ReplaceParams r) from one routing report's per-layer expert load."""
-    return make_plan({k: v["load"] for k, v in rep["layers"].items()}, r.tau, r.max_per_layer, r.strategy)
+    return make_plan({k: v["load"] for k, v in rep["layers"].items()}, r.tau, r.max_per_layer, r.strategy,
+                     slot_noise=slot_noise, placement=r.placement)
 
 
 def chip_plan(exp, seed, calib_w) -> dict:
     """Replacement plan of one chip: its own expert load on the calibration data under its noise."""
     exp.set_state(seed)
+    noise = exp.expert_array_noise(seed) if exp.params.replace.placement == "least_noisy" else None
     return plan_from_report(routing_report(_record_routing(exp, calib_w), exp.num_experts, exp.params.replace.tau),
-                            exp.params.replace)
+                            exp.params.replace, slot_noise=noise)
 
 
 def evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, specs=None, modes=("per_chip",), bar=None):
