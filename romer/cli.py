@@ -80,6 +80,8 @@ def build_parser():
     s.add_argument("--tile", default=None, help="array size ROWSxCOLS (inputs x outputs), e.g. 256x256 (default: one array)")
     s.add_argument("--weight-scaling", choices=["row", "tile"], default=None,
                    help="abs-max per output row or per array (default: the periphery preset's, else row)")
+    s.add_argument("--range-crest", type=float, default=None,
+                   help="full scale at max(abs-max, CREST * rms) of the scaled weights (default: abs-max)")
     s.add_argument("--prog-scale", type=float, default=1.0, help="programming-noise scale (default 1)")
     s.add_argument("--read-scale", type=float, default=1.0, help="read-noise scale (default 1)")
     s.add_argument("--drift-scale", type=float, default=1.0, help="drift-exponent scale (default 1)")

@@ -74,6 +74,7 @@ def test_text_report(capsys):
     (["--prog-scale", "-1"], "--prog-scale must be"),
     (["--read-scale", "inf"], "--read-scale must be"),
     (["--rows", "0"], "--rows and --cols must be >= 1"),
+    (["--range-crest", "0"], "--range-crest must be"),
 ])
 def test_bad_options_exit_2_with_one_line(capsys, args, needle):
     assert main(["noise-stats", "--noise", "pcm-joshi2020", *args, "--json"]) == 2
@@ -86,8 +87,16 @@ def test_bad_options_exit_2_with_one_line(capsys, args, needle):
 def test_unknown_noise_source_and_bad_choice(capsys):
     assert main(["noise-stats", "--noise", "no/such/file.csv", "--json"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "no/such/file.csv" in err
+    assert err.startswith("error: --noise: ") and "no/such/file.csv" in err and "params key" not in err
     with pytest.raises(SystemExit) as e:  # argparse: an unknown --weight-scaling choice
         main(["noise-stats", "--noise", "none", "--weight-scaling", "column"])
     assert e.value.code == 2
     assert math.isfinite(run_json(capsys, "--noise", "gaussian:0.05")["gain"])
+
+
+def test_range_crest_lowers_the_weights_in_the_conductance_range(capsys):
+    base = run_json(capsys, "--noise", "pcm-joshi2020", "--t-inference-s", "86420")
+    crest = run_json(capsys, "--noise", "pcm-joshi2020", "--t-inference-s", "86420", "--range-crest", "12")
+    assert crest["range_crest"] == 12.0 and base["range_crest"] is None
+    # full scale at 12 rms instead of ~3 rms: each weight sits ~4x lower, its relative error grows ~2-3x
+    assert 2 * base["weight_rel_err"] < crest["weight_rel_err"] < 4 * base["weight_rel_err"]

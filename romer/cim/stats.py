@@ -35,7 +35,7 @@ def no_noise() -> NoiseModel:
 def noise_stats(noise_model: NoiseModel, t_inference_s: float = 25.0, periphery: str | None = None,
                 rows: int = 512, cols: int = 512, seed: int = 0, prog_scale: float = 1.0, read_scale: float = 1.0,
                 drift_scale: float = 1.0, drift_compensation: bool = True, weight_scaling: str | None = None,
-                tile=None) -> dict:
+                tile=None, range_crest: float | None = None) -> dict:
     if rows < 1 or cols < 1:
         raise UserError(f"--rows and --cols must be >= 1, got {rows} x {cols}")
     if periphery is not None and periphery not in PERIPHERY_PRESETS:
@@ -48,19 +48,21 @@ def noise_stats(noise_model: NoiseModel, t_inference_s: float = 25.0, periphery:
     layer = torch.nn.Linear(cols, rows, bias=False).requires_grad_(False)
     layer.weight.copy_(w)
     rec = AnalogTensor(name="noise_stats", kind="attention", tensor=layer.weight, layer=0, part="w", expert=None)
-    aw = AnalogWeights([rec], noise_model, tile=tile, weight_scaling=scaling)
+    aw = AnalogWeights([rec], noise_model, tile=tile, weight_scaling=scaling, range_crest=range_crest)
     aw.apply(seed, prog_scale=prog_scale, read_scale=read_scale, drift_scale=drift_scale,
              t_inference_s=t_inference_s, drift_compensation=drift_compensation)
     wn = rec.tensor
     w_max = w.abs().amax(dim=1, keepdim=True)
     ref = AnalogWeights([AnalogTensor(name="noise_stats", kind="attention", tensor=w.clone(), layer=0, part="w",
-                                      expert=None)], no_noise(), tile=tile, weight_scaling=scaling)
+                                      expert=None)], no_noise(), tile=tile, weight_scaling=scaling,
+                      range_crest=range_crest)
     ref.apply(seed)  # the same mapping without noise: its scale is w_max, so scale / ref scale = alpha
     alpha = aw.scale(rec.name) / ref.scale(rec.name)
     out = {
         "noise": noise_model.name, "t_inference_s": t_inference_s, "rows": rows, "cols": cols, "seed": seed,
         "scales": {"prog": prog_scale, "read": read_scale, "drift": drift_scale},
         "drift_compensation": drift_compensation, "weight_scaling": scaling, "tile": list(tile) if tile else None,
+        "range_crest": range_crest,
         "gain": float((wn.double() * w.double()).sum() / (w.double() ** 2).sum()),
         "rel_err_row_std": float(((wn - w) / w_max).double().std()),
         "alpha": float(alpha.double().mean()),
@@ -100,7 +102,10 @@ def level_table(noise_model: NoiseModel, t_inference_s: float, n: int = 6) -> li
 def noise_stats_cli(args):
     from romer.cim.sources import resolve_noise_model
 
-    nm = no_noise() if args.noise == "none" else resolve_noise_model(args.noise, degree=args.degree)
+    try:
+        nm = no_noise() if args.noise == "none" else resolve_noise_model(args.noise, degree=args.degree)
+    except UserError as e:
+        raise UserError(str(e).replace("params key 'noise.source'", "--noise")) from None
     for k in ("t_inference_s", "prog_scale", "read_scale", "drift_scale"):
         v = getattr(args, k)
         if not (math.isfinite(v) and v >= 0) or (k == "t_inference_s" and v <= 0):
@@ -112,8 +117,11 @@ def noise_stats_cli(args):
             assert len(tile) == 2 and min(tile) >= 1
         except (ValueError, AssertionError):
             raise UserError(f"--tile: expected ROWSxCOLS such as 512x512, got {args.tile!r}") from None
+    if args.range_crest is not None and not (math.isfinite(args.range_crest) and args.range_crest > 0):
+        raise UserError(f"--range-crest must be a finite number > 0, got {args.range_crest}")
     res = noise_stats(nm, args.t_inference_s, args.periphery, args.rows, args.cols, args.seed, args.prog_scale,
-                      args.read_scale, args.drift_scale, not args.no_drift_compensation, args.weight_scaling, tile)
+                      args.read_scale, args.drift_scale, not args.no_drift_compensation, args.weight_scaling, tile,
+                      args.range_crest)
     if args.json:
         print(json.dumps(res))
         return
