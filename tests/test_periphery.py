@@ -476,6 +476,12 @@ def test_experiment_installs_the_periphery_and_keeps_digital_experts_exact(olmoe
             exp.set_state(None)
             c = model(ids).logits
         assert torch.equal(a, b)  # the periphery stream restarts with every state
+        with torch.no_grad():
+            exp.set_state(0)
+            model(ids)  # a calibration pass consumes the stream ...
+            exp.restart_periphery()  # ... which Experiment.calibrate / logit_percentiles restart after them
+            assert torch.equal(model(ids).logits, a)  # so every method on a chip sees the same stream
+            exp.set_state(None)
         assert 0.01 < float((a - clean).norm() / clean.norm()) < 0.2
         assert torch.allclose(c, clean, rtol=1e-5, atol=1e-5) and not exp.periphery.enabled
     finally:
@@ -496,3 +502,47 @@ def test_experiment_installs_the_periphery_and_keeps_digital_experts_exact(olmoe
         crest.periphery.remove()
     ideal = Experiment(Params(cim={"periphery": {"preset": "ideal"}}), model=model, noise_model=no_noise())
     assert ideal.periphery is None  # the ideal periphery costs nothing: no hooks at all
+
+
+def test_an_all_zero_row_reads_zero_not_nan():
+    """Row scaling gives an all-zero row w_max 0: its outputs are exactly 0 (no 0 * inf)."""
+    lin = linear(32, 8)
+    with torch.no_grad():
+        lin.weight[3] = 0
+    aw = analog(lin, scaling="row")
+    y = through(lin, aw, PRESETS["aihwkit-hwa"], inputs(64, 32))
+    assert not torch.isnan(y).any() and float(y[:, 3].abs().max()) == 0.0
+
+
+def test_an_eager_experts_loop_uses_each_matrix_own_scale():
+    """F.linear on one matrix of a fused record (transformers' eager experts): that matrix's scale and digital flag."""
+    w = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0))
+    w[1] *= 100
+    t = torch.nn.Parameter(w.clone(), requires_grad=False)
+    aw = AnalogWeights([AT("e", "routed_experts", t, layer=0, part="gate_up_proj")], no_noise(), weight_scaling="tile")
+    aw.apply(0)
+
+    class Loop(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = t
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.w[1])
+
+    m = Loop()
+    x = inputs(256, 32)
+    y = through(m, aw, periphery_config(IO, out_noise=0.0), x)
+    err = float((y - x @ w[1].t()).norm() / (x @ w[1].t()).norm())
+    assert 0.001 < err < 0.03  # DAC and ADC of a normal array; expert 0's scale (100x smaller) would clip it all
+    aw.keep_digital("e", 1)
+    assert torch.equal(through(m, aw, periphery_config(IO), x), x @ t[1].t())
+
+
+def test_unsupported_experts_kernels_are_refused():
+    from romer.core.errors import UserError
+
+    lin = linear(8, 4)
+    lin.config = type("C", (), {"_experts_implementation": "batched_mm"})()
+    with pytest.raises(UserError, match="grouped_mm' or 'eager'"):
+        Periphery(analog(lin), PRESETS[IO]).install(lin)

@@ -10,10 +10,10 @@ from romer.core.io import read_json, write_json
 from romer.moe.routing import Recorder
 from romer.pipeline.experiment import noise_label, with_strength
 
+FAMILY_MODELS = Path("models/families")  # stages/family_model.py and beyond/dvc.yaml name the same path
 SWEEP_DIR = Path("metrics/sweep")
 SWEEP_JSON = "metrics/sweep.json"
 DRIFT_JSON = "metrics/drift.json"
-FAMILY_MODELS = Path("models/families")
 FAMILY_DIR = Path("metrics/families")
 ARCH_JSON = "metrics/architectures.json"
 
@@ -115,18 +115,6 @@ def run_report(params):
     ev = read_json("metrics/eval.json")
     log_run(params, ev, run_name="report", extra_artifacts=[path])
     return path
-
-
-def run_family_model(params, name):
-    """Train the builtin recipe as family `name` (beyond.families) into models/families/<name>."""
-    from romer.builtin.train import train_builtin, tune_malloc
-
-    cfg = params.family_builtin(name)
-    tune_malloc()
-    report = train_builtin(cfg, FAMILY_MODELS / name)
-    print(f"family {name}: {report['model']}, {report['params']:,} parameters, val/test PPL "
-          f"{report['val_ppl']:.2f}/{report['test_ppl']:.2f}, mean load CV {report['summary']['mean_cv']:.3f}")
-    return report
 
 
 def run_family_eval(params, name):

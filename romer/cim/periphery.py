@@ -18,9 +18,11 @@ vector x of an array with weights W (normalised so that g_max reads as 1, i.e. W
 The engine is a TorchFunctionMode, entered only while an analog module runs (forward pre- and
 post-hooks on the modules that own analog tensors): it intercepts `linear` and `_grouped_mm`
 whose weight lives in an analog tensor, so nn.Linear, routers and transformers' fused experts
-under grouped_mm all go through it. Noise draws come from one generator per device, reseeded for
-every noisy state (`reseed`), so a run is deterministic; each input vector is handled alone (bound
-management too), so results do not depend on the batch a token sits in.
+under grouped_mm (or an eager experts loop) all go through it. Noise draws come from one generator
+per device, reseeded for every noisy state and before every measurement pass (`reseed`), so a run
+is deterministic and the methods evaluated on one chip see the same stream. Noise management and
+bound management decide per input vector, so those decisions do not depend on the batch a token
+sits in; the noise values do depend on its place in the stream.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from romer.cim.mapping import AnalogWeights, tensor_seed
+from romer.core.errors import UserError
 
 NOISE_MANAGEMENTS = ("abs_max", "std", "none")
 BOUND_MANAGEMENTS = ("iterative", "none")
@@ -179,6 +182,11 @@ class Periphery(TorchFunctionMode):
     # ---- installation ----------------------------------------------------------------------
     def install(self, model: torch.nn.Module):
         """Hook the modules that own analog tensors: the mode is on while they run."""
+        impl = getattr(getattr(model, "config", None), "_experts_implementation", None)
+        if impl not in (None, "grouped_mm", "eager"):
+            raise UserError(f"the periphery sees fused experts under experts_implementation 'grouped_mm' or 'eager', "
+                            f"not {impl!r} (its matmuls would stay ideal): load the model with one of those, or "
+                            f"set cim.periphery.preset: ideal")
         ptrs = {r.tensor.untyped_storage().data_ptr() for r in self.weights.records}
         for module in model.modules():
             if any(p.untyped_storage().data_ptr() in ptrs for p in module.parameters(recurse=False)):
@@ -227,16 +235,23 @@ class Periphery(TorchFunctionMode):
 
     # ---- matmuls ---------------------------------------------------------------------------
     def _linear(self, x, w, bias, rec):
+        """F.linear through the periphery; `w` is the record's matrix or, for a fused record used by
+        an eager experts loop, one of its matrices (found from its storage offset)."""
+        n_out, n_in = rec.tensor.shape[-2], rec.tensor.shape[-1]
+        if w.dim() != 2 or tuple(w.shape) != (n_out, n_in):
+            raise RuntimeError(f"periphery: {rec.name} reached F.linear as a {tuple(w.shape)} view; only whole "
+                               f"[{n_out}, {n_in}] matrices are supported")
+        m = (w.storage_offset() - rec.tensor.storage_offset()) // (n_out * n_in)
         mask = self.weights.digital_mask(rec.name)
-        if mask is not None and bool(mask.all()):
+        if mask is not None and bool(mask[m]):
             return F.linear(x, w, bias)
-        table = self._table(rec)[:, 0]  # [nt, out]
+        table = self._table(rec)[:, m]  # [nt, out]
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         wt = w.t()  # [in, out]
 
         def mm(xs, a, b, absw=False):
-            ww = self._absw(rec, w).t()[a:b] if absw else wt[a:b]
+            ww = self._absw((rec.name, m), w).t()[a:b] if absw else wt[a:b]
             return xs.to(ww.dtype) @ ww
 
         y = self._mvm(x2, mm, lambda rows, t: table[t:t + 1], table.shape[0], w.shape[-1])
@@ -261,7 +276,7 @@ class Periphery(TorchFunctionMode):
             def mm(xr, a, b, absw=False, rows=None):
                 e = ex if rows is None else ex[rows]
                 o = torch.cumsum(torch.bincount(e, minlength=E), 0).to(torch.int32)
-                ww = self._absw(rec, w_t) if absw else w_t
+                ww = self._absw(rec.name, w_t) if absw else w_t
                 xr = xr.to(ww.dtype)
                 if b - a != ww.shape[1]:  # one input array of several: _grouped_mm needs 16-byte aligned rows
                     ww = self._slice(rec, ww, a, b, absw)
@@ -297,10 +312,10 @@ class Periphery(TorchFunctionMode):
             s = self._abs[key] = F.pad(s, (0, 0, 0, pad)) if pad else s
         return s
 
-    def _absw(self, rec, w):
-        a = self._abs.get(rec.name)
+    def _absw(self, key, w):
+        a = self._abs.get(key)
         if a is None:
-            a = self._abs[rec.name] = w.abs()
+            a = self._abs[key] = w.abs()
         return a
 
     def _mvm(self, x, mm, scale_of, nt, n_in, grouped=False):
@@ -338,10 +353,11 @@ class Periphery(TorchFunctionMode):
                 if not in_range:  # abs-max scaled inputs already lie in the range
                     xq.clamp_(-x_lim, x_lim)
                 kw = {} if not grouped else {"rows": rows}
-                ws = scale_of(rows, t)  # [N or 1, out]: alpha * w_max
-                u = mm(xq, a, b, **kw).to(torch.float32).mul_(ws.reciprocal().mul_(dq / eq))  # in ADC steps
+                ws = scale_of(rows, t)  # [N or 1, out]: alpha * w_max; 0 for an all-zero row or array,
+                inv = torch.where(ws > 0, ws.reciprocal(), torch.zeros_like(ws))  # which then reads exactly 0
+                u = mm(xq, a, b, **kw).to(torch.float32).mul_(inv * (dq / eq))  # in ADC steps
                 if c.w_noise > 0:  # w_noise sqrt(|W_n| x_n^2), |W_n| = |W'| / ws, x_n = xq dq
-                    var = mm(xq * xq, a, b, absw=True, **kw).to(torch.float32).mul_(ws.reciprocal().mul_(dq * dq))
+                    var = mm(xq * xq, a, b, absw=True, **kw).to(torch.float32).mul_(inv * (dq * dq))
                     u.addcmul_(var.clamp_(min=0).sqrt_(), self._randn(u.shape, u), value=c.w_noise / eq)
                 if c.out_noise > 0:
                     u.add_(self._randn(u.shape, u), alpha=c.out_noise / eq)

@@ -86,6 +86,7 @@ class Experiment:
             self.periphery = Periphery(self.weights, self.periphery_config).install(self.model)
         self._expert_records = [r for r in tensors if r.kind == "routed_experts"]
         self._state_key = None  # what the weights hold now (see set_state)
+        self._seed = None
 
     # ---- data ------------------------------------------------------------------------------
     def windows(self, dataset, seq_len, n_seqs=None, max_tokens=None, key="eval"):
@@ -134,8 +135,14 @@ class Experiment:
                 )
                 if digital:
                     self._keep_digital(digital)
-        if self.periphery is not None and seed is not None:
-            self.periphery.reseed(seed)
+        self._seed = seed
+        self.restart_periphery()
+
+    def restart_periphery(self):
+        """Restart the periphery's noise stream of the current chip, so that every measurement pass
+        after a state change or a calibration pass sees the same stream (paired across methods)."""
+        if self.periphery is not None and self._seed is not None:
+            self.periphery.reseed(self._seed)
 
     @torch.no_grad()
     def _keep_digital(self, digital):
@@ -169,6 +176,7 @@ class Experiment:
     def restore(self):
         self.weights.restore()
         self._state_key = None
+        self._seed = None
         if self.periphery is not None:
             self.periphery.enabled = False
 
@@ -194,11 +202,14 @@ class Experiment:
         c = self.params.calib
         got = collect_logits(self.model, self.adapter, windows, c.batch_size, self.device,
                              self.routing_plan(plan))
+        self.restart_periphery()
         return {layer: percentiles(got[layer], *self.params.calibrate.percentiles) for layer in self.layers}
 
     def calibrate(self, windows, clean_pct, plan=None, instances=(None,)) -> dict:
         """Affine logit maps for the current noisy state (per_chip) or pooled over `instances`."""
         c, cal = self.params.calib, self.params.calibrate
-        return calibrate_maps(self.model, self.adapter, windows, c.batch_size, self.device, clean_pct,
+        maps = calibrate_maps(self.model, self.adapter, windows, c.batch_size, self.device, clean_pct,
                               cal.percentiles, layerwise=cal.layerwise,
                               replacement_fns=self.replacement_fns(plan), instances=instances)
+        self.restart_periphery()
+        return maps

@@ -176,8 +176,10 @@ def chip_plan(exp, seed, calib_w) -> dict:
     """Replacement plan of one chip: its own expert load on the calibration data under its noise."""
     exp.set_state(seed)
     noise = exp.expert_array_noise(seed) if exp.params.replace.placement == "least_noisy" else None
-    return plan_from_report(routing_report(_record_routing(exp, calib_w), exp.num_experts, exp.params.replace.tau),
-                            exp.params.replace, slot_noise=noise)
+    rec = _record_routing(exp, calib_w)
+    exp.restart_periphery()
+    return plan_from_report(routing_report(rec, exp.num_experts, exp.params.replace.tau), exp.params.replace,
+                            slot_noise=noise)
 
 
 def evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, specs=None, modes=("per_chip",), bar=None):
