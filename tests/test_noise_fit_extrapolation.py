@@ -17,16 +17,10 @@ from romer.cim.chip_data import load_measurements
 from romer.cim.noise_fit import DRIFT_EXTRAP_CAP, _drift_rows, _read_row, fit_noise
 from romer.cim.noise_models import NoiseModel
 
-ROOT = Path(__file__).resolve().parents[1]
-CHIP = ROOT / "data" / "chip"
-sys.path.insert(0, str(ROOT / "scripts"))
-import make_chip_samples as gen  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))
+from test_noise_fit import CHIP, ROOT, gen, t64  # noqa: E402,F401  (the sample generator and helpers)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def t64(x):
-    return torch.as_tensor(np.asarray(x, dtype=np.float64))
 
 
 def read_factor(t):
