@@ -56,9 +56,12 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("inspect", help="describe the MoE structure of a model")
-    s.add_argument("model", help="'builtin' (models/builtin), a local directory, or a hub id")
-    s.add_argument("--revision", default=None)
-    s.add_argument("--trust-remote-code", action="store_true")
+    s.add_argument("model", help="'builtin' (the trained embedded model in models/model, relative to the current "
+                                 "directory: run from the repo root after `make repro`), a local directory, or a hub id")
+    s.add_argument("--revision", default=None,
+                   help="hub id: the commit hash or tag to load (required for a hub id); local directory: ignored")
+    s.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model repo's own Python code (DeepSeek-MoE needs it): only for repos you trust")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(fn=_cmd_inspect)
 
