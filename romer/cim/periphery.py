@@ -116,10 +116,6 @@ def periphery_config(preset: str, **overrides) -> PeripheryConfig:
     return replace(cfg, name=preset if not over else f"{preset}+custom", **over) if over else cfg
 
 
-def _quantize_(x: torch.Tensor, step: float) -> torch.Tensor:
-    return x.div_(step).round_().mul_(step) if step > 0 else x
-
-
 class Periphery(TorchFunctionMode):
     """Runs every analog matmul of a model through the periphery (see the module docstring)."""
 
