@@ -203,25 +203,43 @@ def test_fetch_model_stage_bad_params_exit_2(tmp_path, monkeypatch, capsys):
     assert "no/such/dir" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("family,extra", [("qwen2_moe", {"shared_experts": 1}),
-                                          ("deepseek_v3", {"shared_experts": 1, "n_group": 2, "topk_group": 1})])
-def test_builtin_recipe_other_families(family, extra, tmp_path):
-    """The recipe trains Qwen2-MoE and DeepSeek-V3 variants; the saved model loads as that family,
-    and DeepSeek-V3's correction bias moved (aux-loss-free balancing) and was saved."""
+FAMILIES = [("olmoe", {}), ("qwen2_moe", {"shared_experts": 2}),
+            ("deepseek_moe", {"shared_experts": 2, "first_dense_layers": 1}),
+            ("deepseek_v3", {"shared_experts": 1, "n_group": 2, "topk_group": 1})]
+
+
+@pytest.mark.parametrize("family,extra", FAMILIES, ids=[f for f, _ in FAMILIES])
+def test_builtin_recipe_every_family(family, extra, tmp_path):
+    """The recipe trains each builtin family for a few steps; the saved model reloads as that
+    family, `romer inspect` describes it right, and the identity routing transform reproduces its
+    logits. DeepSeek-V3's correction bias moved (aux-loss-free balancing) and was saved."""
     from romer.builtin.train import train_builtin
-    from romer.moe.adapters import describe
+    from romer.moe.adapters import describe, get_adapter
     from romer.moe.models import load_model
+    from romer.moe.routing import LayerRouting, routed
 
     cfg = BuiltinParams(**{**TINY, "family": family, "steps": 7, **extra})
     report = train_builtin(cfg, tmp_path / family, progress=False)
     assert math.isfinite(report["val_ppl"]) and report["val_ppl"] < cfg.vocab_size
     model = load_model(str(tmp_path / family), device="cpu")
     info = describe(model)
-    assert info["family"] == family and info["shared_experts"] == 1 and info["num_experts"] == cfg.num_experts
+    want = {"olmoe": "olmoe", "qwen2_moe": "qwen2_moe", "deepseek_moe": "deepseek_v2", "deepseek_v3": "deepseek_v3"}
+    assert info["family"] == want[family] and info["num_experts"] == cfg.num_experts and info["top_k"] == cfg.top_k
+    assert info["shared_experts"] == {"olmoe": 0, "qwen2_moe": 1}.get(family, cfg.shared_experts)
     assert info["router"] == ("sigmoid" if family == "deepseek_v3" else "softmax")
+    assert info["moe_layers"] == list(range(cfg.first_dense_layers, cfg.num_layers))
+    assert (info["analog_params"]["dense_mlp"] > 0) == (cfg.first_dense_layers > 0)
+    assert report["params"] == info["total_params"]
     if family == "deepseek_v3":
         bias = model.model.layers[0].mlp.gate.e_score_correction_bias
         assert bias.abs().max().item() > 0
+    a = get_adapter(model)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        with routed(model, a, {b.layer: LayerRouting(transform=lambda x: x) for b in a.blocks(model)}):
+            got = model(input_ids=ids).logits
+    assert (got - ref).abs().max().item() <= 1e-6
 
 
 def test_family_params_are_checked():
@@ -231,3 +249,7 @@ def test_family_params_are_checked():
         BuiltinParams(**{**TINY, "family": "deepseek_v3", "shared_experts": 1, "n_group": 3})
     with pytest.raises(ValueError, match="must be 0 for family olmoe"):
         BuiltinParams(**{**TINY, "shared_experts": 1})
+    with pytest.raises(ValueError, match="first_dense_layers must be 0 for family qwen2_moe"):
+        BuiltinParams(**{**TINY, "family": "qwen2_moe", "shared_experts": 1, "first_dense_layers": 1})
+    with pytest.raises(ValueError, match="at least one layer must be MoE"):
+        BuiltinParams(**{**TINY, "family": "deepseek_moe", "shared_experts": 1, "first_dense_layers": 2})

@@ -159,6 +159,7 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
     set_params(tmp_path, {"eval": {"tasks": []}, "beyond": {
         "scales": [4], "drift_times_s": [3600],
         "families": {"qwen2_moe": {"family": "qwen2_moe", "shared_experts": 1},
+                     "deepseek_moe": {"family": "deepseek_moe", "shared_experts": 1, "first_dense_layers": 1},
                      "deepseek_v3": {"family": "deepseek_v3", "shared_experts": 1, "n_group": 2, "topk_group": 1}}}})
     run(["dvc", "repro", "dvc.yaml"], tmp_path, timeout=900)  # eval.tasks changed: evaluate reruns
     run(["dvc", "repro", "beyond/dvc.yaml"], tmp_path, timeout=1200)
@@ -172,9 +173,17 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
     assert drift["noise"]["strength"] == 1.0 and drift["noise"]["periphery"]["preset"] == "aihwkit-io-default"
     assert all(len(drift[k]) == 1 for k in ("noisy", "romer", "romer_recalibrated"))
     arch = json.loads((tmp_path / "metrics/architectures.json").read_text())
-    assert list(arch) == ["olmoe", "qwen2_moe", "deepseek_v3"]
+    assert list(arch) == ["olmoe", "qwen2_moe", "deepseek_moe", "deepseek_v3"]
     assert arch["deepseek_v3"]["router"] == "sigmoid" and arch["qwen2_moe"]["shared_experts"] == 1
+    assert arch["deepseek_moe"]["moe_layers"] == [1] and arch["olmoe"]["num_experts"] == 8
+    frag = json.loads((tmp_path / "metrics/fragility.json").read_text())
+    assert [f for f in frag if f != "noise"] == ["olmoe", "qwen2_moe", "deepseek_moe", "deepseek_v3"]
+    assert [d["layer"] for d in frag["deepseek_moe"]["layers"]] == [1]
+    for fam in ("olmoe", "qwen2_moe", "deepseek_moe", "deepseek_v3"):
+        for d in frag[fam]["layers"]:
+            assert 0 <= d["topk_changed_frac"] <= 1 and d["experts_row_crest_median"] >= 1 and d["margin_median"] >= 0
     for fam, row in arch.items():
         assert all(math.isfinite(row[k]) and row[k] > 1 for k in ("clean", "noisy", "romer")), (fam, row)
-    assert "Across MoE families" in (tmp_path / "metrics/report.md").read_text()
+    report = (tmp_path / "metrics/report.md").read_text()
+    assert "Across MoE families" in report and "What makes routing fragile" in report
     assert run(["dvc", "status", "beyond/dvc.yaml", "--json"], tmp_path).stdout.strip() in ("", "{}")

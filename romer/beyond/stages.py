@@ -16,6 +16,7 @@ SWEEP_JSON = "metrics/sweep.json"
 DRIFT_JSON = "metrics/drift.json"
 FAMILY_DIR = Path("metrics/families")
 ARCH_JSON = "metrics/architectures.json"
+FRAGILITY_JSON = "metrics/fragility.json"
 
 
 def _setup(params, model_dir=None):
@@ -150,6 +151,19 @@ def _family_row(clean, noisy, romer, red, red_ci, cv, extra):
             "cv_clean": cv["clean"], "cv_noisy": cv["noisy"], "cv_romer": cv["romer"], **extra}
 
 
+def _routing_shape(model_dir=None) -> dict:
+    """num_experts, top_k and MoE layers of the default model, from its config.json."""
+    from romer.core.paths import MODEL_DIR
+
+    f = Path(model_dir or MODEL_DIR) / "config.json"
+    if not f.is_file():  # a hub or local model's pointer (source.json)
+        return {}
+    cfg = read_json(f)
+    n = cfg.get("num_hidden_layers")
+    return {"num_experts": cfg.get("num_experts", cfg.get("n_routed_experts")), "top_k": cfg.get("num_experts_per_tok"),
+            "moe_layers": list(range(n)) if n else None}
+
+
 def run_architectures(params):
     """metrics/architectures.json: {family: {clean, noisy, romer, ...}}, the default OLMoE model from
     metrics/eval.json and each beyond.families entry from metrics/families/<name>.json."""
@@ -159,7 +173,8 @@ def run_architectures(params):
     lb = ev["load_balance"]
     out = {"olmoe": _family_row(ev["ppl"]["clean"], ev["ppl"]["noisy"], ev["ppl"]["romer"], ev["ppl_reduction_pct"],
                                 ev["ppl_reduction_ci95"], {k: lb[k]["cv"] for k in ("clean", "noisy", "romer")},
-                                {"router": "softmax", "shared_experts": 0, "source": "metrics/eval.json"})}
+                                {"router": "softmax", "shared_experts": 0, **_routing_shape(),
+                                 "source": "metrics/eval.json"})}
     for name in params.beyond.families:
         f = FAMILY_DIR / f"{name}.json"
         if not f.is_file():
@@ -171,6 +186,36 @@ def run_architectures(params):
                                 {"clean": d.get("clean_cv", float("nan")), "noisy": lbf["noisy"]["cv"],
                                  "romer": lbf["romer"]["cv"]},
                                 {"router": d["architecture"]["router"],
-                                 "shared_experts": d["architecture"]["shared_experts"], "source": str(f)})
+                                 "shared_experts": d["architecture"]["shared_experts"],
+                                 "num_experts": d["architecture"]["num_experts"], "top_k": d["architecture"]["top_k"],
+                                 "moe_layers": d["architecture"]["moe_layers"], "source": str(f)})
     write_json(ARCH_JSON, out)
+    return out
+
+
+def run_fragility(params):
+    """metrics/fragility.json: per MoE layer of the default model ("olmoe") and each beyond.families
+    model, the weight kurtosis and row crest, the clean router margins and the fraction of tokens
+    whose top-k set changes under the default noise (romer.moe.fragility), on the eval windows."""
+    from romer.core.paths import MODEL_DIR
+    from romer.moe.fragility import fragility_report
+    from romer.pipeline.experiment import Experiment
+
+    models = {"olmoe": Path(MODEL_DIR), **{name: FAMILY_MODELS / name for name in params.beyond.families}}
+    out = {}
+    for name, model_dir in models.items():
+        if not (model_dir / "config.json").is_file():
+            raise UserError(f"{model_dir} is missing: run `dvc repro` (default model) and the family_model stage "
+                            f"for {name} (dvc repro beyond/dvc.yaml)")
+        p = params.model_copy(update={"model": params.model.model_copy(update={"source": str(model_dir)})})
+        exp = Experiment(p, model_dir=model_dir)
+        e = params.eval
+        w = exp.windows(e.dataset, e.seq_len, max_tokens=e.max_tokens, key="eval")
+        out[name] = {"model": str(model_dir), **fragility_report(exp, w, e.seeds)}
+        m = out[name]["mean"]
+        print(f"fragility {name}: expert kurtosis {m['experts_kurtosis']:.2f}, row crest {m['experts_row_crest_median']:.2f}, "
+              f"relative margin {m['margin_rel_median']:.3f}, top-k set changed {m['topk_changed_frac']:.3f}")
+        del exp
+    out["noise"] = noise_label(params)
+    write_json(FRAGILITY_JSON, out)
     return out

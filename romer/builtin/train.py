@@ -28,7 +28,7 @@ from romer.data.corpus import builtin_splits
 from romer.moe.routing_metrics import expert_load, load_stats, summarize_layers
 
 SPECIAL_TOKEN = "<|endoftext|>"
-FAMILY_NAMES = {"olmoe": "OLMoE", "qwen2_moe": "Qwen2-MoE", "deepseek_v3": "DeepSeek-V3"}
+FAMILY_NAMES = {"olmoe": "OLMoE", "qwen2_moe": "Qwen2-MoE", "deepseek_moe": "DeepSeek-MoE", "deepseek_v3": "DeepSeek-V3"}
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -118,30 +118,58 @@ def build_qwen2_moe_config(cfg, vocab_size: int):
     )
 
 
+def _mla(cfg) -> dict:
+    """Multi-head latent attention of the DeepSeek configs, head dims scaled down, no query compression."""
+    head = cfg.hidden_size // cfg.num_heads
+    return dict(q_lora_rank=None, kv_lora_rank=head, qk_rope_head_dim=head // 2, qk_nope_head_dim=head // 2,
+                v_head_dim=head, attention_bias=False)
+
+
+def dense_intermediate_size(cfg) -> int:
+    """Width of a dense first layer's MLP: the active expert width of an MoE layer (DeepSeek-MoE-16B:
+    10944 against (6 + 2) x 1408 = 11264)."""
+    return (cfg.top_k + cfg.shared_experts) * cfg.intermediate_size
+
+
+def build_deepseek_moe_config(cfg, vocab_size: int):
+    """DeepSeek-MoE (the paper's DeepSeek-MoE-16B layout) as transformers' DeepseekV2Config: the
+    first `first_dense_layers` layers dense, then softmax router with greedy top-k and no
+    renormalisation (routed_scaling_factor 1), `shared_experts` shared experts of intermediate_size.
+    Attention is DeepseekV2's latent attention (DeepSeek-MoE-16B itself has plain multi-head
+    attention; the routing, which is what ROMER is about, is DeepSeek-MoE's)."""
+    from transformers import DeepseekV2Config
+
+    return DeepseekV2Config(
+        **_common(cfg, vocab_size), **_mla(cfg),
+        intermediate_size=dense_intermediate_size(cfg), moe_intermediate_size=cfg.intermediate_size,
+        n_shared_experts=cfg.shared_experts, n_routed_experts=cfg.num_experts, routed_scaling_factor=1.0,
+        topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
+        first_k_dense_replace=cfg.first_dense_layers,
+    )
+
+
 def build_deepseek_v3_config(cfg, vocab_size: int):
     """DeepSeek-V3: sigmoid router with the e_score_correction_bias (aux-loss-free balancing),
     group-limited top-k, normalised top-k weights, shared experts, multi-head latent attention
-    (head dims scaled down; no query compression), every layer sparse."""
+    (head dims scaled down; no query compression), dense first `first_dense_layers` layers."""
     from transformers import DeepseekV3Config
 
-    head = cfg.hidden_size // cfg.num_heads
     return DeepseekV3Config(
-        **_common(cfg, vocab_size),
-        intermediate_size=cfg.intermediate_size,  # dense MLP size; unused, every layer is sparse
-        moe_intermediate_size=cfg.intermediate_size,
+        **_common(cfg, vocab_size), **_mla(cfg),
+        intermediate_size=dense_intermediate_size(cfg), moe_intermediate_size=cfg.intermediate_size,
         n_shared_experts=cfg.shared_experts, n_routed_experts=cfg.num_experts, routed_scaling_factor=1.0,
-        n_group=cfg.n_group, topk_group=cfg.topk_group, first_k_dense_replace=0, norm_topk_prob=True,
-        q_lora_rank=None, kv_lora_rank=head, qk_rope_head_dim=head // 2, qk_nope_head_dim=head // 2,
-        v_head_dim=head, rope_interleave=True, attention_bias=False,
+        n_group=cfg.n_group, topk_group=cfg.topk_group, first_k_dense_replace=cfg.first_dense_layers,
+        norm_topk_prob=True, rope_interleave=True,
     )
 
 
 def build_model(cfg, vocab_size: int):
     """A freshly initialised causal LM of cfg.family (seed the RNG first)."""
-    from transformers import DeepseekV3ForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM
+    from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM
 
     builders = {"olmoe": (build_olmoe_config, OlmoeForCausalLM),
                 "qwen2_moe": (build_qwen2_moe_config, Qwen2MoeForCausalLM),
+                "deepseek_moe": (build_deepseek_moe_config, DeepseekV2ForCausalLM),
                 "deepseek_v3": (build_deepseek_v3_config, DeepseekV3ForCausalLM)}
     make_config, cls = builders[cfg.family]
     return cls(make_config(cfg, vocab_size))
@@ -151,7 +179,7 @@ def count_params(model, cfg) -> dict:
     """Total parameters, and the parameters active for one token (top-k of the routed experts)."""
     total = sum(p.numel() for p in model.parameters())
     per_expert = 3 * cfg.hidden_size * cfg.intermediate_size
-    inactive = cfg.num_layers * (cfg.num_experts - cfg.top_k) * per_expert
+    inactive = (cfg.num_layers - cfg.first_dense_layers) * (cfg.num_experts - cfg.top_k) * per_expert
     embed = model.config.vocab_size * cfg.hidden_size
     return {"total": total, "active": total - inactive, "embedding": embed,
             "non_embedding": total - embed * (1 if cfg.tie_embeddings else 2)}

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from romer.core.errors import UserError
 
-ANALOG_KINDS = ("routed_experts", "shared_experts", "attention", "router")
+ANALOG_KINDS = ("routed_experts", "shared_experts", "attention", "router", "dense_mlp")
 
 
 class _Section(BaseModel):
@@ -50,12 +50,17 @@ class BuiltinParams(_Section):
     hidden_size: int = Field(128, gt=0)
     num_layers: int = Field(4, gt=0)
     num_heads: int = Field(2, gt=0)
-    num_experts: int = Field(16, ge=2)
-    top_k: int = Field(2, ge=1)
-    intermediate_size: int = Field(128, gt=0)  # per routed expert
+    num_experts: int = Field(64, ge=2)
+    top_k: int = Field(8, ge=1)
+    intermediate_size: int = Field(32, gt=0)  # per routed expert
     # Family of the builtin model (beyond/dvc.yaml trains the others on the same corpus and recipe).
-    family: Literal["olmoe", "qwen2_moe", "deepseek_v3"] = "olmoe"
-    shared_experts: int = Field(0, ge=0)  # shared experts, each of intermediate_size (qwen2_moe, deepseek_v3: >= 1)
+    family: Literal["olmoe", "qwen2_moe", "deepseek_moe", "deepseek_v3"] = "olmoe"
+    # Shared experts of intermediate_size each (deepseek_moe, deepseek_v3: >= 1); qwen2_moe has one
+    # sigmoid-gated shared expert of shared_experts x intermediate_size (Qwen1.5-MoE: 4 x 1408).
+    shared_experts: int = Field(0, ge=0)
+    # deepseek_moe, deepseek_v3: the first layers have a dense MLP instead of experts, of the active
+    # width of an MoE layer, (top_k + shared_experts) x intermediate_size (DeepSeek-MoE-16B: 1 layer).
+    first_dense_layers: int = Field(0, ge=0)
     n_group: int = Field(1, ge=1)  # deepseek_v3: expert groups of group-limited top-k
     topk_group: int = Field(1, ge=1)  # deepseek_v3: groups a token may pick experts from
     bias_update_rate: float = Field(0.001, ge=0)  # deepseek_v3: aux-loss-free balancing step of the correction bias
@@ -69,7 +74,7 @@ class BuiltinParams(_Section):
     min_lr_frac: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    aux_loss_coef: float = Field(0.05, ge=0)  # per-layer Switch load-balancing loss
+    aux_loss_coef: float = Field(0.03, ge=0)  # per-layer Switch load-balancing loss
     z_loss_coef: float = Field(0.001, ge=0)  # router z-loss, as OLMoE
     eval_every: Optional[int] = Field(300, gt=0)  # validation-loss probe every N steps (None: at the end)
     eval_windows: int = Field(32, gt=0)  # windows of the validation probe during training
@@ -88,7 +93,13 @@ class BuiltinParams(_Section):
             raise ValueError("val_frac + test_frac must be < 0.5")
         if self.family == "olmoe" and self.shared_experts:
             raise ValueError("shared_experts must be 0 for family olmoe (OLMoE has no shared experts)")
-        if self.family in ("qwen2_moe", "deepseek_v3") and self.shared_experts < 1:
+        if self.first_dense_layers and self.family not in ("deepseek_moe", "deepseek_v3"):
+            raise ValueError(f"first_dense_layers must be 0 for family {self.family} (only deepseek_moe and "
+                             f"deepseek_v3 have dense first layers)")
+        if self.first_dense_layers >= self.num_layers:
+            raise ValueError(f"first_dense_layers ({self.first_dense_layers}) must be < num_layers "
+                             f"({self.num_layers}): at least one layer must be MoE")
+        if self.family in ("qwen2_moe", "deepseek_moe", "deepseek_v3") and self.shared_experts < 1:
             raise ValueError(f"family {self.family} needs shared_experts >= 1")
         if self.family == "deepseek_v3":
             if self.num_experts % self.n_group:
@@ -238,8 +249,9 @@ class BeyondParams(_Section):
     drift_times_s: list[float] = Field(default_factory=lambda: [3600, 86400, 2592000, 31536000], min_length=1)
     # Other MoE families trained like the builtin model: {name: builtin overrides (family, shared_experts, ...)}.
     families: dict[str, dict] = Field(default_factory=lambda: {
-        "qwen2_moe": {"family": "qwen2_moe", "shared_experts": 1},
-        "deepseek_v3": {"family": "deepseek_v3", "shared_experts": 1, "n_group": 4, "topk_group": 2},
+        "qwen2_moe": {"family": "qwen2_moe", "num_experts": 60, "top_k": 4, "shared_experts": 4},
+        "deepseek_moe": {"family": "deepseek_moe", "top_k": 6, "shared_experts": 2, "first_dense_layers": 1},
+        "deepseek_v3": {"family": "deepseek_v3", "shared_experts": 1, "n_group": 8, "topk_group": 4},
     })
 
     @field_validator("families")

@@ -43,6 +43,13 @@ def jaccard_agreement(idx_a: torch.Tensor, idx_b: torch.Tensor, num_experts: int
     return (inter / union).mean().item()
 
 
+def topk_changed_frac(idx_a: torch.Tensor, idx_b: torch.Tensor) -> float:
+    """Fraction of tokens whose top-k expert set differs between two routings ([tokens, k] each;
+    the order within a set does not matter)."""
+    a, b = idx_a.long().sort(dim=1).values, idx_b.long().sort(dim=1).values
+    return (a != b).any(dim=1).double().mean().item()
+
+
 def kl_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-8) -> float:
     """KL(p || q) of two load vectors, smoothed by eps so empty experts stay finite."""
     p = p.double() + eps

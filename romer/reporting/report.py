@@ -67,7 +67,8 @@ def eval_table(ev: dict) -> str:
     return "\n".join(lines)
 
 
-FAMILY_LABELS = {"olmoe": "OLMoE", "qwen2_moe": "Qwen2-MoE", "deepseek_v3": "DeepSeek-V3"}
+FAMILY_LABELS = {"olmoe": "OLMoE", "qwen2_moe": "Qwen2-MoE", "deepseek_moe": "DeepSeek-MoE",
+                 "deepseek_v3": "DeepSeek-V3"}
 
 
 def architectures_table(ar: dict) -> str:
@@ -77,9 +78,29 @@ def architectures_table(ar: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for fam, r in ar.items():
         lo, hi = r["reduction_ci95"]
-        lines.append(f"| {FAMILY_LABELS.get(fam, fam)} | {r['router']} | {r['shared_experts']} | {r['clean']:.2f} | "
+        shape = f" ({r['num_experts']} experts, top-{r['top_k']})" if r.get("num_experts") else ""
+        lines.append(f"| {FAMILY_LABELS.get(fam, fam)}{shape} | {r['router']} | {r['shared_experts']} | {r['clean']:.2f} | "
                      f"{r['noisy']:.2f} | {r['romer']:.2f} | {-r['reduction_pct']:+.1f}% [{-hi:+.1f}, {-lo:+.1f}] | "
                      f"{r['cv_clean']:.3f} / {r['cv_noisy']:.3f} / {r['cv_romer']:.3f} |")
+    return "\n".join(lines)
+
+
+def fragility_table(fr: dict) -> str:
+    """Per-layer fragility table from metrics/fragility.json (romer.moe.fragility)."""
+    lines = ["| family | layer | expert weight kurtosis | expert row abs-max/rms (median / max) | "
+             "attention kurtosis | router margin k/k+1 (median, / logit std) | near ties (< 0.05 std) | "
+             "top-k set changed by noise |",
+             "|---|---|---|---|---|---|---|---|"]
+    for fam, r in fr.items():
+        if not isinstance(r, dict) or "layers" not in r:
+            continue
+        label = f"{FAMILY_LABELS.get(fam, fam)} ({r['num_experts']} experts, top-{r['top_k']})"
+        for d in r["layers"]:
+            lines.append(f"| {label} | {d['layer']} | {d['experts_kurtosis']:.2f} | "
+                         f"{d['experts_row_crest_median']:.2f} / {d['experts_row_crest_max']:.2f} | "
+                         f"{d.get('attention_kurtosis', float('nan')):.2f} | {d['margin_median']:.3f}, "
+                         f"{d['margin_rel_median']:.3f} | {d['near_tie_frac']:.3f} | {d['topk_changed_frac']:.3f} |")
+            label = ""
     return "\n".join(lines)
 
 
@@ -154,6 +175,10 @@ def write_report(path="metrics/report.md") -> str:
         if worse:
             md += [f"ROMER is worse than no repair on {', '.join(worse)}: see docs/ablation.md, section 4 "
                    "(where the calibration gain comes from).", ""]
+    if _exists("metrics/fragility.json"):
+        md += ["## What makes routing fragile (per MoE layer, clean model; noise: the default)", "",
+               fragility_table(read_json("metrics/fragility.json")), "",
+               "Published figures for real models, and how far this testbed is from them: docs/testbed.md.", ""]
     write_text(path, "\n".join(md) + "\n")
     return path
 
