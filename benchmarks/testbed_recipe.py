@@ -68,7 +68,7 @@ def main(argv=None):
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {"candidates": {}}
     info = cpu_info()
-    results["cpu"] = {k: info.get(k) for k in ("vendor_id", "model name")}
+    results["cpu"] = {k: info[k] for k in ("vendor", "model")}
     for name, over in CANDIDATES.items():
         if (args.only and name not in args.only) or name in results["candidates"]:
             continue

@@ -37,7 +37,8 @@ OUTPUTS = ("models/model", "noise", "artifacts/percentiles.json", "metrics")  # 
 TINY = {
     "builtin": {"max_chars": 200_000, "vocab_size": 384, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
                 "num_experts": 8, "top_k": 2, "intermediate_size": 32, "seq_len": 64, "batch_size": 8,
-                "steps": 40, "warmup_steps": 5, "eval_every": 20, "eval_windows": 4},
+                "steps": 40, "warmup_steps": 5, "eval_every": 20, "eval_windows": 4,
+                "aux_loss_coef": 0.05},  # the reference's recipe (the default moved to 0.03 with the 64-expert testbed)
     "noise": {"source": "data/chip/pcm_sample.csv", "prog_scale": 3.0, "read_scale": 3.0},
     "calib": {"n_seqs": 8, "seq_len": 64, "batch_size": 8, "seeds": [100]},
     "eval": {"seq_len": 64, "max_tokens": 2048, "seeds": [0, 1], "tasks": ["builtin_cloze"], "task_limit": 8,
