@@ -546,3 +546,19 @@ def test_unsupported_experts_kernels_are_refused():
     lin.config = type("C", (), {"_experts_implementation": "batched_mm"})()
     with pytest.raises(UserError, match="grouped_mm' or 'eager'"):
         Periphery(analog(lin), PRESETS[IO]).install(lin)
+
+
+@pytest.mark.parametrize("preset", ["aihwkit-io-default", "aihwkit-hwa"])
+def test_compiled_kernels_agree_with_the_eager_fallback(olmoe, preset, monkeypatch):
+    """The fused DAC/ADC kernels (torch.compile) give the bytes of the same functions run eagerly."""
+    from romer.cim import kernels
+
+    model, ids, clean, recs = olmoe
+    compiled = model_logits(model, ids, recs, PRESETS[preset], noise=PCM, seed=5)
+    if kernels.dac.failed or kernels.adc.failed:
+        pytest.skip("torch.compile is not available here: the kernels run eagerly")
+    for k in (kernels.dac, kernels.adc):
+        monkeypatch.setattr(k, "failed", True)
+    eager = model_logits(model, ids, recs, PRESETS[preset], noise=PCM, seed=5)
+    assert torch.equal(compiled, eager)
+    assert float((compiled - clean).norm() / clean.norm()) > 0.01

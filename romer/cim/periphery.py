@@ -22,7 +22,8 @@ under grouped_mm (or an eager experts loop) all go through it. Noise draws come 
 per device, reseeded for every noisy state and before every measurement pass (`reseed`), so a run
 is deterministic and the methods evaluated on one chip see the same stream. Noise management and
 bound management decide per input vector, so those decisions do not depend on the batch a token
-sits in; the noise values do depend on its place in the stream.
+sits in; the noise values do depend on its place in the stream. Steps 2 and 4-6 run as two fused
+kernels (romer.cim.kernels, torch.compile; exact, and eager where compilation is unavailable).
 """
 
 from __future__ import annotations
@@ -35,12 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from romer.cim import kernels
 from romer.cim.mapping import AnalogWeights, tensor_seed
 from romer.core.errors import UserError
 
 NOISE_MANAGEMENTS = ("abs_max", "std", "none")
 BOUND_MANAGEMENTS = ("iterative", "none")
-ROW_CHUNK = 1 << 14  # rows of a grouped matmul handled at a time (bounds the per-row scale gather)
+# Rows of a matmul handled at a time: bounds the temporaries, and keeps a chunk's outputs (8192 x 128
+# for the builtin model) within the part of the noise pool one matmul may read (see `_randn`).
+ROW_CHUNK = 1 << 13
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,7 @@ class Periphery(TorchFunctionMode):
         self._by_storage = {}
         self._gens = {}
         self._pools = {}
+        self._pool_cache = {}  # device -> ((seed, k), pool, generator state after drawing it)
         self._tables = {}
         self._seed = 0
         self._abs = {}
@@ -147,11 +152,25 @@ class Periphery(TorchFunctionMode):
                 self._by_storage[rec.tensor.untyped_storage().data_ptr()] = rec
 
     def _gen(self, device) -> torch.Generator:
+        """The state's generator on `device`. With a noise pool, the pool is its first draw, so the
+        stream does not depend on which matmul needs it first, and a reseed to the seed of the
+        previous state (every method evaluated on one chip) reuses the pool instead of redrawing it."""
         key = str(device)
         g = self._gens.get(key)
         if g is None:
             g = self._gens[key] = torch.Generator(device=device)
             g.manual_seed(tensor_seed(self._seed, "periphery"))
+            k = self.cfg.noise_pool_log2
+            if k:
+                cached = self._pool_cache.get(key)
+                if cached is not None and cached[0] == (self._seed, k):
+                    self._pools[key] = cached[1]
+                    g.set_state(cached[2])
+                else:
+                    self._pool_cache.pop(key, None)  # one pool per device at a time: 128 MiB for k = 24
+                    base = torch.randn(1 << k, generator=g, device=device, dtype=torch.float32)
+                    pool = self._pools[key] = torch.cat([base, base])  # a window of <= 2^k from below 2^k is contiguous
+                    self._pool_cache[key] = ((self._seed, k), pool, g.get_state())
         return g
 
     def _randn(self, shape, like: torch.Tensor) -> torch.Tensor:
@@ -166,12 +185,7 @@ class Periphery(TorchFunctionMode):
         k = self.cfg.noise_pool_log2
         if k == 0 or n > (1 << max(k - 4, 0)):  # a matmul reads at most 1/16 of the pool, else fresh draws
             return torch.randn(shape, generator=gen, device=like.device, dtype=torch.float32)
-        key = str(like.device)
-        pool = self._pools.get(key)
-        if pool is None:
-            size = 1 << k
-            base = torch.randn(size, generator=gen, device=like.device, dtype=torch.float32)
-            pool = self._pools[key] = torch.cat([base, base])  # any window of <= 2^k starting below 2^k is contiguous
+        pool = self._pools[str(like.device)]
         r = int(torch.randint(0, 1 << k, (1,), generator=gen, device=like.device))
         return pool[r:r + n].view(shape)
 
@@ -250,8 +264,16 @@ class Periphery(TorchFunctionMode):
             ww = self._absw((rec.name, m), w).t()[a:b] if absw else wt[a:b]
             return xs.to(ww.dtype) @ ww
 
-        y = self._mvm(x2, mm, lambda rows, t: table[t:t + 1], table.shape[0], w.shape[-1])
-        y = y.to(x.dtype).reshape(*shape[:-1], w.shape[0])
+        def scale_of(rows, t):
+            return table[t:t + 1], None
+
+        if x2.shape[0] <= ROW_CHUNK:
+            y = self._mvm(x2, mm, scale_of, table.shape[0], w.shape[-1]).to(x.dtype)
+        else:
+            y = torch.empty((x2.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
+            for r0 in range(0, x2.shape[0], ROW_CHUNK):
+                y[r0:r0 + ROW_CHUNK] = self._mvm(x2[r0:r0 + ROW_CHUNK], mm, scale_of, table.shape[0], w.shape[-1])
+        y = y.reshape(*shape[:-1], w.shape[0])
         return y if bias is None else y + bias
 
     def _grouped(self, x, w_t, offs, rec, out_dtype):
@@ -281,7 +303,7 @@ class Periphery(TorchFunctionMode):
                         xr = F.pad(xr, (0, pad))
                 return torch._grouped_mm(xr.contiguous(), ww, offs=o)
 
-            y = self._mvm(xs, mm, lambda rows, t, ex=ex: table[t].index_select(0, ex if rows is None else ex[rows]),
+            y = self._mvm(xs, mm, lambda rows, t, ex=ex: (table[t], ex if rows is None else ex[rows]),
                           nt, w_t.shape[-2], grouped=True)
             mask = self.weights.digital_mask(rec.name)
             if mask is not None and bool(mask[ex].any()):
@@ -327,52 +349,44 @@ class Periphery(TorchFunctionMode):
         x_lim, y_lim = c.inp_bound / dq, c.out_bound / eq
         limit = min(c.max_bm_factor, c.max_bm_res / d_in if d_in > 0 else math.inf)
         # |x / s| <= 1 under abs-max management, so the DAC range holds it when it ends on a step
-        in_range = c.noise_management == "abs_max" and c.inp_bound >= 1 and (d_in == 0 or float(x_lim).is_integer())
+        do_clamp = not (c.noise_management == "abs_max" and c.inp_bound >= 1 and (d_in == 0 or float(x_lim).is_integer()))
+        y_lim = y_lim if c.out_bound > 0 else 0.0
         y = None
         for t in range(nt):
             a, b = t * R, min(n_in, (t + 1) * R)
             xt = x[:, a:b].to(torch.float32)
-            if c.noise_management == "abs_max":
-                s = torch.linalg.vector_norm(xt, ord=math.inf, dim=-1, keepdim=True)
-            elif c.noise_management == "std":
-                s = xt.std(dim=-1, keepdim=True, correction=0).mul_(c.nm_std_alpha)
+            if c.noise_management == "std":
+                s0 = xt.std(dim=-1, keepdim=True, correction=0).mul_(c.nm_std_alpha)
+                s0 = torch.where(s0 > 0, s0, torch.ones_like(s0))
+            elif c.noise_management == "none":
+                s0 = torch.ones((xt.shape[0], 1), dtype=torch.float32, device=xt.device)
             else:
-                s = torch.ones((xt.shape[0], 1), dtype=torch.float32, device=xt.device)
-            s = torch.where(s > 0, s, torch.ones_like(s))
+                s0 = None  # abs-max: found inside the DAC kernel
 
-            def run(rows, red):
+            def run(rows, s):
                 xs = xt if rows is None else xt[rows]
-                ss = (s if rows is None else s[rows]) * red
-                xq = xs * (1.0 / (ss * dq))  # in DAC steps
-                if d_in > 0:
-                    xq.round_()
-                if not in_range:  # abs-max scaled inputs already lie in the range
-                    xq.clamp_(-x_lim, x_lim)
+                # abs-max scaled inputs already lie in the DAC range: the clamp is skipped then
+                xq, xq2, ss = kernels.dac(xs, s, dq, x_lim, d_in > 0, do_clamp, c.w_noise > 0)
                 kw = {} if not grouped else {"rows": rows}
-                ws = scale_of(rows, t)  # [N or 1, out]: alpha * w_max; 0 for an all-zero row or array,
-                inv = torch.where(ws > 0, ws.reciprocal(), torch.zeros_like(ws))  # which then reads exactly 0
-                u = mm(xq, a, b, **kw).to(torch.float32).mul_(inv * (dq / eq))  # in ADC steps
+                ws, idx = scale_of(rows, t)  # alpha * w_max per matrix, and the matrix of each row
+                u = mm(xq, a, b, **kw).to(torch.float32)
+                var = z_w = z_o = None
                 if c.w_noise > 0:  # w_noise sqrt(|W_n| x_n^2), |W_n| = |W'| / ws, x_n = xq dq
-                    var = mm(xq * xq, a, b, absw=True, **kw).to(torch.float32).mul_(inv * (dq * dq))
-                    u.addcmul_(var.clamp_(min=0).sqrt_(), self._randn(u.shape, u), value=c.w_noise / eq)
+                    var = mm(xq2, a, b, absw=True, **kw).to(torch.float32)
+                    z_w = self._randn(u.shape, u)
                 if c.out_noise > 0:
-                    u.add_(self._randn(u.shape, u), alpha=c.out_noise / eq)
-                if e_out > 0:
-                    u.round_()
-                clipped = None
-                if c.out_bound > 0:
-                    clipped = torch.linalg.vector_norm(u, ord=math.inf, dim=-1) > y_lim
-                    if bool(clipped.any()):
-                        u.clamp_(-y_lim, y_lim)
-                return u.mul_(ws * eq).mul_(ss), clipped
+                    z_o = self._randn(u.shape, u)
+                yt, clipped = kernels.adc(u, ws, idx, var, z_w, z_o, ss, dq / eq, dq * dq, c.w_noise / eq,
+                                          c.out_noise / eq, e_out > 0, y_lim, eq)
+                return yt, clipped, ss
 
-            yt, clipped = run(None, 1.0)
+            yt, clipped, s1 = run(None, s0)
             if c.bound_management == "iterative" and clipped is not None and bool(clipped.any()):
                 red = 1.0
                 rows = clipped.nonzero().squeeze(-1)
                 while rows.numel() and red <= limit:
                     red *= 2.0
-                    yr, cl = run(rows, red)
+                    yr, cl, _ = run(rows, s1[rows] * red)
                     yt[rows] = yr
                     rows = rows[cl]
             y = yt if y is None else y.add_(yt)
