@@ -104,6 +104,56 @@ def fragility_table(fr: dict) -> str:
     return "\n".join(lines)
 
 
+ROUTERS = {"olmoe": "softmax top-k", "qwen2_moe": "softmax top-k", "deepseek_moe": "softmax top-k (greedy)",
+           "deepseek_v3": "sigmoid + bias, group-limited top-k"}
+
+
+def testbed_table(reports: dict) -> str:
+    """The embedded models' shape, size, quality and balance, from their training reports
+    (`builtin_report.json` of models/model and models/families/*)."""
+    lines = ["| model | experts, top-k | shared experts | dense first layers | router | parameters (active) | "
+             "val / test PPL | load CV per MoE layer | coldest expert, x fair share |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in reports.items():
+        c = r["config"]
+        fam = c.get("family", "olmoe")
+        layers = r["per_layer"]
+        coldest = min(min(d["load"]) * len(d["load"]) for d in layers)
+        router = ROUTERS.get(fam, fam)
+        if fam == "deepseek_v3":
+            router += f" ({c.get('n_group')} groups, {c.get('topk_group')} kept)"
+        lines.append(f"| {name} ({FAMILY_LABELS.get(fam, fam)}-like) | {c['num_experts']}, top-{c['top_k']} | "
+                     f"{c.get('shared_experts', 0)} | {c.get('first_dense_layers', 0)} | {router} | "
+                     f"{r['params'] / 1e6:.2f} M ({r['active_params'] / 1e6:.2f} M) | {r['val_ppl']:.2f} / "
+                     f"{r['test_ppl']:.2f} | {' / '.join(format(d['cv'], '.2f') for d in layers)} | "
+                     f"{coldest:.2f} |")
+    return "\n".join(lines)
+
+
+def update_testbed_doc(doc="docs/testbed.md", model_dir="models/model", families_dir="models/families",
+                       fragility_json="metrics/fragility.json"):
+    """Refresh the generated blocks of docs/testbed.md: the models (from their training reports,
+    present after `make repro` and `make beyond`) and the fragility table. Missing inputs leave
+    their block as it is; returns the blocks refreshed."""
+    text = Path(doc).read_text()
+    done = []
+    reports = {}
+    if _exists(f"{model_dir}/builtin_report.json"):
+        reports["default"] = read_json(f"{model_dir}/builtin_report.json")
+    fams = Path(families_dir)
+    for d in sorted(fams.iterdir()) if fams.is_dir() else []:
+        if (d / "builtin_report.json").is_file():
+            reports[d.name] = read_json(d / "builtin_report.json")
+    if reports:
+        text = _replace_block(text, "testbed-families", testbed_table(reports), doc)
+        done.append("testbed-families")
+    if _exists(fragility_json):
+        text = _replace_block(text, "fragility", fragility_table(read_json(fragility_json)), doc)
+        done.append("fragility")
+    write_text(doc, text)
+    return done
+
+
 def _replace_block(text, marker, table, readme):
     pat = re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
     if not pat.search(text):
