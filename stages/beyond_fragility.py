@@ -5,12 +5,12 @@ and beyond/dvc.yaml names its deps, params and outs.
 """
 
 from romer.beyond.stages import run_fragility
-from romer.core.errors import exit_on_user_error
+from romer.core.errors import stage_entry
 from romer.core.numerics import set_determinism
 from romer.core.params import load_params
 
 
-@exit_on_user_error
+@stage_entry
 def main():
     params = load_params()
     set_determinism(params.numerics.threads)

@@ -10,14 +10,14 @@ import sys
 from pathlib import Path
 
 from romer.builtin.train import train_builtin, tune_malloc
-from romer.core.errors import UserError, exit_on_user_error
+from romer.core.errors import UserError, stage_entry
 from romer.core.numerics import set_determinism
 from romer.core.params import load_params
 
 FAMILY_MODELS = Path("models/families")  # romer.beyond.stages.FAMILY_MODELS, beyond/dvc.yaml
 
 
-@exit_on_user_error
+@stage_entry
 def main():
     if len(sys.argv) != 2:
         raise UserError("usage: python -m stages.family_model FAMILY")

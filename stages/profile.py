@@ -4,13 +4,13 @@ Run from the repo root as `python -m stages.profile`; the work is romer.pipeline
 deps, params and outs.
 """
 
-from romer.core.errors import exit_on_user_error
+from romer.core.errors import stage_entry
 from romer.core.numerics import set_determinism
 from romer.core.params import load_params
 from romer.pipeline.stages import run_profile
 
 
-@exit_on_user_error
+@stage_entry
 def main():
     params = load_params()
     set_determinism(params.numerics.threads)

@@ -6,12 +6,12 @@
 import sys
 
 from romer.beyond.stages import run_sweep_point
-from romer.core.errors import UserError, exit_on_user_error
+from romer.core.errors import UserError, stage_entry
 from romer.core.numerics import set_determinism
 from romer.core.params import load_params
 
 
-@exit_on_user_error
+@stage_entry
 def main():
     if len(sys.argv) != 2:
         raise UserError("usage: python -m stages.sweep_point SCALE")

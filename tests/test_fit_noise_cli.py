@@ -85,7 +85,7 @@ def test_fit_noise_cli_missing_file_and_bad_degree(tmp_path, capsys):
     assert "nope.csv: file not found" in capsys.readouterr().err
     csv = _bad(tmp_path, "ok.csv", "g_target_uS,g_measured_uS\n" + GOOD)
     assert main(["fit-noise", csv, "-o", str(out), "--degree", "5"]) == 2
-    assert "needs at least 6" in capsys.readouterr().err
+    assert "needs at least 12 (2 levels per coefficient)" in capsys.readouterr().err
     assert main(["fit-noise", csv, "-o", csv]) == 2  # would overwrite its input
     assert not out.exists() and Path(csv).read_text().startswith("g_target_uS")
 
@@ -146,3 +146,35 @@ def test_fit_noise_is_byte_identical_across_runs(tmp_path):
         assert main(["fit-noise", str(csv), "-o", str(out), "--degree", "3"]) == 0
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_fit_noise_cli_never_deletes_or_half_writes(tmp_path, capsys, monkeypatch):
+    import romer.core.io as io
+
+    (tmp_path / "data").mkdir()
+    csv = small_csv(tmp_path / "data" / "chip.csv")
+    # -o naming an existing directory (here the one holding the input) is refused; nothing deleted
+    assert main(["fit-noise", csv, "-o", str(tmp_path / "data"), "--degree", "1"]) == 2
+    assert "is an existing directory (expected a file path); nothing was deleted" in capsys.readouterr().err
+    assert Path(csv).is_file()
+    # an output under a regular file: one line, before any work
+    assert main(["fit-noise", csv, "-o", csv + "/fit.json", "--degree", "1"]) == 2
+    assert f"{csv} is a file, not a directory" in capsys.readouterr().err
+    # the JSON write fails after the plot is made: the plot that existed before is kept as it was
+    out, png = tmp_path / "fit.json", tmp_path / "fit.png"
+    png.write_bytes(b"my old plot")
+    out.write_text("my old fit")
+
+    def full_disk(path, obj):
+        with io.atomic_path(path) as tmp:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io, "write_json", full_disk)
+    assert main(["fit-noise", csv, "-o", str(out), "--degree", "1", "--plot", str(png)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: cannot write {out}: No space left on device"
+    assert png.read_bytes() == b"my old plot" and out.read_text() == "my old fit"
+    assert not list(tmp_path.glob(".*tmp"))  # no temp leftovers
+    monkeypatch.undo()
+    assert main(["fit-noise", csv, "-o", str(out), "--degree", "1", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG" and json.loads(out.read_text())["fit"]["degree"] == 1

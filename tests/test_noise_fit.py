@@ -154,7 +154,7 @@ def test_no_time_no_repeats(tmp_path):
     nm = NoiseModel.from_json(fit)
     assert not nm.has_drift and not nm.has_read_noise
     assert abs(float(nm.prog_sigma(t64(5.0))) - 0.2) < 0.05
-    with pytest.raises(UserError, match="4 programmed level.*degree-4 polynomial needs at least 5"):
+    with pytest.raises(UserError, match="4 programmed level.*degree-4 polynomial .5 coefficients. needs at least 10 .2 levels per coefficient.; lower --degree .noise.degree. to at most 1"):
         fit_noise(load_measurements(p), degree=4)
     with pytest.raises(UserError, match="integer >= 0"):
         fit_noise(load_measurements(p), degree=-1)
@@ -222,3 +222,79 @@ def test_resolve_noise_model(tmp_path):
     loaded = load_noise_model(tmp_path / "model.json")
     assert torch.equal(loaded.prog_sigma(t64([10.0])), fitted.prog_sigma(t64([10.0])))
     assert resolve_noise_model(str(tmp_path / "model.json")).g_max == fitted.g_max
+
+
+# ---- sanity gates: data that cannot be a noise measurement is refused, naming the rows ------------
+def _levels_csv(path, rows):
+    path.write_text("g_target_uS,g_measured_uS\n" + "".join(f"{g},{x}\n" for g, x in rows))
+    return load_measurements(path)
+
+
+def _clean_rows(rng, levels=(2, 4, 6, 8, 10, 12), n=40, sd=0.2):
+    return [(g, f"{g + sd * rng.standard_normal():.4f}") for g in levels for _ in range(n)]
+
+
+def test_reads_stuck_at_one_value_are_refused(tmp_path):
+    m = _levels_csv(tmp_path / "stuck.csv", [(g, "5.0") for g in (2, 4, 6, 8, 10, 12) for _ in range(20)])
+    with pytest.raises(UserError, match=r"stuck\.csv, line 2: level 2 uS: all 20 reads have the same value "
+                                        r"\(zero spread.*\(6 of 6 levels"):
+        fit_noise(m, degree=2)
+    # one stuck level among good ones is named too
+    rng = np.random.default_rng(0)
+    rows = [r for r in _clean_rows(rng) if r[0] != 8] + [(8, "8.0")] * 40
+    with pytest.raises(UserError, match="level 8 uS: all 40 reads have the same value"):
+        fit_noise(_levels_csv(tmp_path / "one.csv", rows), degree=2)
+
+
+def test_one_row_in_another_unit_is_refused(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = _clean_rows(rng)
+    rows[45] = (rows[45][0], f"{float(rows[45][1]) * 1000:.4f}")  # that read in nS
+    with pytest.raises(UserError, match="unit"):
+        fit_noise(_levels_csv(tmp_path / "nS_row.csv", rows), degree=2)
+
+
+def test_spread_above_g_max_and_offset_near_g_max_are_refused(tmp_path):
+    rng = np.random.default_rng(2)
+    good = [r for r in _clean_rows(rng) if r[0] != 2]
+    # level 2: most reads at 2, one at 150: spread ~23 uS, above g_max 12 uS, offset 3.7 uS
+    wild = [(2, "150" if i == 7 else "2.0000") for i in range(40)]
+    wild = [(2, f"{float(x) + 0.01 * i:.4f}") for i, (_, x) in enumerate(wild)]
+    with pytest.raises(UserError, match=r"programming sigma reaches .* above g_max \(12 uS\).*level 2 uS"):
+        fit_noise(_levels_csv(tmp_path / "wild.csv", good + wild), degree=2)
+    off = [r for r in _clean_rows(rng) if r[0] != 4] + [(4, f"{11 + 0.2 * rng.standard_normal():.4f}")
+                                                        for _ in range(40)]
+    with pytest.raises(UserError, match=r"off\.csv, line \d+: level 4 uS: mean \(measured - target\) is [67][.0-9]* uS, more than "
+                                        r"0.5 x g_max \(12 uS\)"):
+        fit_noise(_levels_csv(tmp_path / "off.csv", off), degree=2)
+
+
+def test_fit_worse_than_a_constant_is_refused(tmp_path):
+    from romer.cim import noise_fit as nf
+
+    rng = np.random.default_rng(3)
+    m = _levels_csv(tmp_path / "ok.csv", _clean_rows(rng))
+    fit = fit_noise(m, degree=1)  # the real fit passes
+    assert fit["fit"]["r2"] >= 0 or fit["fit"]["degree"] == 0
+    levels = fit["levels"]
+    use = np.ones(len(levels), dtype=bool)
+    coef = np.array([0.2, 0.0])
+    grid = np.full(10, 0.2)
+    with pytest.raises(UserError, match=r"R² = -3 < 0, the degree-1 sigma\(g\) fits worse than a constant.*ok\.csv, line"):
+        nf._check_fit(m, levels, use, 1, coef, -3.0, grid, 12.0)
+    nf._check_fit(m, levels, use, 0, coef, -3.0, grid, 12.0)  # degree 0: R² is 0 by construction
+
+
+def test_degree_needs_two_levels_per_coefficient(tmp_path):
+    rng = np.random.default_rng(4)
+    m = _levels_csv(tmp_path / "six.csv", _clean_rows(rng))
+    fit_noise(m, degree=2)  # 6 levels, 3 coefficients
+    with pytest.raises(UserError, match=r"6 programmed level\(s\), but a degree-3 polynomial \(4 coefficients\) needs at "
+                                        r"least 8 .*at most 2"):
+        fit_noise(m, degree=3)
+
+
+def test_bundled_samples_pass_the_gates():
+    for name, degree in (("pcm_sample.csv", 2), ("reram_wan2022_sample.csv", 3), ("reram_milo2021_sample.csv", 2)):
+        fit = fit_noise(load_measurements(CHIP / name), degree=degree)
+        assert fit["fit"]["r2"] > 0.5, name

@@ -89,6 +89,14 @@ def test_committed_params_are_valid():
     ({"model.dtype": "int8"}, "key 'model.dtype'"),
     ({"eval.seq_len": 2}, "key 'eval.seq_len'"),
     ({"builtin.top_k": 99}, "top_k"),
+    ({"calib.seeds": [100, 101, 100]}, "key 'calib.seeds': seeds must not repeat (repeated: [100])"),
+    ({"eval.seeds": [0, 1, 1]}, "key 'eval.seeds': seeds must not repeat"),
+    ({"eval.hetero_fractions": [0.25, float("nan")]}, "key 'eval.hetero_fractions.1'"),
+    ({"beyond.drift_times_s": [3600, float("inf")]}, "key 'beyond.drift_times_s.1'"),
+    ({"calibrate.percentiles": [5, float("nan")]}, "key 'calibrate.percentiles"),
+    ({"builtin.lr": float("inf")}, "key 'builtin.lr'"),
+    ({"model.allow_missing_weights": "sometimes"}, "key 'model.allow_missing_weights'"),
+    ({"calib.allow_overlap": "yes please"}, "key 'calib.allow_overlap'"),
 ])
 def test_rule_names_the_key(tmp_path, over, needle):
     with pytest.raises(UserError) as e:
@@ -107,6 +115,37 @@ def test_missing_and_malformed_file(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(UserError, match="mapping"):
         load_params(bad)
+
+
+def test_duplicate_key_is_named_with_its_lines(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("noise:\n  degree: 2\n  prog_scale: 1.0\n  degree: 3\n")
+    with pytest.raises(UserError) as e:
+        load_params(p)
+    assert "key 'noise.degree' is given twice (lines 2 and 4)" in str(e.value)
+    p.write_text("model:\n  source: builtin\nmodel:\n  dtype: float32\n")
+    with pytest.raises(UserError, match="key 'model' is given twice"):
+        load_params(p)
+
+
+def test_empty_file_is_refused_and_partial_file_says_what_it_filled(tmp_path, capsys):
+    p = tmp_path / "params.yaml"
+    for text in ("", "# only a comment\n"):
+        p.write_text(text)
+        with pytest.raises(UserError, match="is empty"):
+            load_params(p)
+    p.write_text("noise:\n  degree: 1\n")
+    params = load_params(p)
+    assert params.noise.degree == 1 and params.eval.seeds == [0, 1, 2, 3, 4]
+    err = capsys.readouterr().err
+    assert "has no section(s) model, builtin, cim," in err and "using their defaults" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_family_override_that_is_not_finite_is_refused(tmp_path):
+    params = load_params(write(tmp_path, {"beyond.families": {"bad": {"lr": float("inf")}}}))
+    with pytest.raises(UserError, match="beyond.families.bad"):
+        params.family_builtin("bad")
 
 
 def run_stage(tmp_path, stage):

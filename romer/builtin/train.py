@@ -430,7 +430,7 @@ def train_builtin(cfg, out_dir, progress: bool = True, return_model: bool = Fals
     }
 
     model.config.output_router_logits = False
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir, is_dir=True) as tmp:
         tmp.mkdir()
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

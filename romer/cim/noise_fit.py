@@ -70,6 +70,9 @@ def _wls_poly(x, y, n, degree, a=None, dof_a=None, iters=4):
         try:
             coef = lstsq_exact(V * sw[:, None], y * sw)
         except np.linalg.LinAlgError:
+            if len(np.unique(x)) > degree:  # enough levels: the values themselves overflow the solver
+                raise UserError(f"noise fit: least squares failed on spreads up to {float(np.max(y)):.4g} uS; "
+                                "check the rows' unit (the schema is microsiemens)") from None
             raise UserError(f"noise fit: a degree-{degree} polynomial needs at least {degree + 1} distinct "
                             f"conductance levels, the data has {len(np.unique(x))}; lower noise.degree / --degree") from None
         f2 = np.maximum(polyval_increasing(coef, x), floor) ** 2
@@ -398,6 +401,68 @@ def _drift(m: Measurements, dev, has_dev):
     return {"t0_s": t0, "method": method, "levels": per, "parametric": param}, None
 
 
+# ---- sanity gates: data that cannot be a noise measurement is refused, naming the rows ------------
+MAX_OFFSET_FRAC = 0.5  # a level whose mean (measured - target) exceeds this x g_max is not of its devices
+
+
+def _first_row(m: Measurements, lv: int) -> str:
+    return m.where(int(np.flatnonzero(m.level == lv)[0]))
+
+
+def _check_degree(files, n_levels, degree, what):
+    """At least 2 levels per coefficient: fewer and the polynomial follows each level's own noise."""
+    need = 2 * (degree + 1)
+    if n_levels < need:
+        hint = (f"lower --degree (noise.degree) to at most {n_levels // 2 - 1}" if n_levels >= 2
+                else "measure at least 2 levels")
+        raise UserError(
+            f"{files}: column 'g_target_uS': {n_levels} {what}, but a degree-{degree} polynomial "
+            f"({degree + 1} coefficients) needs at least {need} (2 levels per coefficient); {hint}")
+
+
+def _check_levels(m: Measurements, levels, use, g_max):
+    """Refuse a level with no spread (reads stuck at one value) or an offset near g_max (wrong device)."""
+    stuck = [i for i, lv in enumerate(levels) if use[i] and lv["std_uS"] == 0.0]
+    if stuck:
+        i = stuck[0]
+        raise UserError(
+            f"{_first_row(m, i)}: level {levels[i]['g_uS']:g} uS: all {levels[i]['n_rows']} reads have the same "
+            f"value (zero spread: reads stuck at one value?); a noise fit needs the measured spread"
+            + (f" ({len(stuck)} of {int(use.sum())} levels are like this)" if len(stuck) > 1 else ""))
+    far = [i for i, lv in enumerate(levels) if use[i] and abs(lv["offset_uS"]) > MAX_OFFSET_FRAC * g_max]
+    if far:
+        i = far[0]
+        raise UserError(
+            f"{_first_row(m, i)}: level {levels[i]['g_uS']:g} uS: mean (measured - target) is "
+            f"{levels[i]['offset_uS']:.4g} uS, more than {MAX_OFFSET_FRAC:g} x g_max ({g_max:g} uS): these reads are "
+            "not of devices programmed to that target (or a column is in another unit)"
+            + (f" ({len(far)} levels are like this)" if len(far) > 1 else ""))
+
+
+def _check_fit(m: Measurements, levels, use, degree, coef, r2, sig_grid, g_max):
+    """Refuse a fit that is no fit: non-finite, sigma above g_max, or worse than a constant (R² < 0)."""
+    idx = np.flatnonzero(use)
+    std = np.array([levels[i]["device_std_uS"] for i in idx])
+    worst = int(idx[int(np.argmax(std))])
+    where = (f"largest spread {levels[worst]['device_std_uS']:.4g} uS at level {levels[worst]['g_uS']:g} uS, "
+             f"first row {_first_row(m, worst)}")
+    if not np.all(np.isfinite(coef)):
+        raise UserError(f"noise fit: the sigma(g) polynomial is not finite ({where}); check that row's unit")
+    if float(sig_grid.max()) > g_max or float(std.max()) > g_max:
+        raise UserError(
+            f"noise fit: programming sigma reaches {max(float(sig_grid.max()), float(std.max())):.4g} uS, above g_max "
+            f"({g_max:g} uS): not a plausible device ({where}; a row in another unit?)")
+    if degree >= 1 and r2 < 0:  # a degree-0 fit is a constant: its R² is 0 by construction
+        fit = polyval_increasing(coef, np.array([levels[i]["g_uS"] for i in idx]) / g_max)
+        sig = np.array([levels[i]["sigma_prog_uS"] for i in idx])
+        far = int(idx[int(np.argmax(np.abs(sig - fit) / np.maximum(fit, 1e-12)))])
+        k = int(np.flatnonzero(idx == far)[0])
+        raise UserError(
+            f"noise fit: R² = {r2:.4g} < 0, the degree-{degree} sigma(g) fits worse than a constant: the spread per "
+            f"level does not follow a smooth curve. Farthest from it: level {levels[far]['g_uS']:g} uS (sigma "
+            f"{sig[k]:.4g} uS, fitted {fit[k]:.4g} uS), first row {_first_row(m, far)}; check those rows or lower --degree")
+
+
 def fit_noise(measurements: Measurements, degree: int = 2, source: str | None = None) -> dict:
     """Fit the noise model JSON (see DESIGN.md and docs/noise.md) from validated measurements."""
     m = measurements
@@ -405,10 +470,7 @@ def fit_noise(measurements: Measurements, degree: int = 2, source: str | None = 
     if not isinstance(degree, (int, np.integer)) or isinstance(degree, bool) or degree < 0:
         raise UserError(f"--degree/noise.degree must be an integer >= 0, got {degree!r}")
     L = len(m.level_g)
-    if L < degree + 1:
-        raise UserError(
-            f"{files}: column 'g_target_uS': {L} programmed level(s), but a degree-{degree} polynomial needs at "
-            f"least {degree + 1}; lower --degree (noise.degree) or measure more levels")
+    _check_degree(files, L, degree, "programmed level(s)")
     g_max = float(m.g_target.max())
     if not g_max > 0:
         raise UserError(f"{files}: column 'g_target_uS': all targets are 0; need targets > 0 to set g_max")
@@ -424,13 +486,12 @@ def fit_noise(measurements: Measurements, degree: int = 2, source: str | None = 
     dof_a = np.array([lv["_read_dof"] for lv in levels])
     for lv in levels:
         del lv["_read_var_share"], lv["_read_dof"]
-    if use.sum() < degree + 1:
-        raise UserError(
-            f"{files}: column 'g_measured_uS': only {int(use.sum())} level(s) have most reads above 0, but a "
-            f"degree-{degree} polynomial needs {degree + 1}; lower --degree (noise.degree)")
+    _check_degree(files, int(use.sum()), degree, "level(s) with most reads above 0")
+    _check_levels(m, levels, use, g_max)
     coef, r2, r2_u, rmse_rel = _wls_poly(lg[use] / g_max, sig[use], n_eff[use], degree, a[use], dof_a[use])
     grid = np.linspace(0.0, g_max, GRID_POINTS)
     sig_grid = np.maximum(np.polyval(coef[::-1], grid / g_max), 0.0)
+    _check_fit(m, levels, use, degree, coef, r2, sig_grid, g_max)
 
     drift, why_no_drift = _drift(m, dev, m.device is not None)
     drift_json = drift_how = None
@@ -564,30 +625,29 @@ def plot_fit(fit_json: dict, png_path):
 
 
 def fit_noise_cli(csv_list, output, degree: int = 2, plot=None):
-    """`romer fit-noise`: fit, then write the plot and the JSON atomically; nothing on error."""
+    """`romer fit-noise`: fit, then write the JSON and the plot together (both or neither; an existing
+    file is replaced only when the whole command succeeds); nothing on error."""
     import os
 
-    from romer.core.io import atomic_path, write_json
+    from romer.core.io import atomic_path, check_output, staged_outputs, write_json
 
+    for out in (output, plot):  # before the fit: a bad path is named at once
+        if out is not None:
+            check_output(out)
     m = load_measurements(csv_list)
-    fit = fit_noise(m, degree=degree)
-    NoiseModel.from_json(fit)  # the JSON must load back
     in_files = {os.path.abspath(f) for f in m.files}
     for out in (output, plot):
         if out is not None and os.path.abspath(out) in in_files:
             raise UserError(f"{out}: output would overwrite an input CSV")
-    if plot is not None:
-        with atomic_path(plot) as tmp:
-            plot_fit(fit, tmp)
-    try:
-        write_json(output, fit)
-    except BaseException:
+    if plot is not None and os.path.abspath(plot) == os.path.abspath(output):
+        raise UserError(f"{plot}: --plot and -o name the same file")
+    fit = fit_noise(m, degree=degree)
+    NoiseModel.from_json(fit)  # the JSON must load back
+    with staged_outputs():
         if plot is not None:
-            try:
-                os.remove(plot)
-            except OSError:
-                pass
-        raise
+            with atomic_path(plot) as tmp:
+                plot_fit(fit, tmp)
+        write_json(output, fit)
     f = fit["fit"]
     c = ", ".join(f"{x:.5g}" for x in fit["programming_sigma_poly"]["coeffs_uS"])
     print(f"fitted {f['n_levels']} levels, {f['n_devices']} devices ({f['n_rows']} reads), g_max = {fit['g_max_uS']:g} uS")

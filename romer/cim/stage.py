@@ -14,6 +14,10 @@ from romer.cim.noise_fit import plot_fit
 from romer.cim.sources import resolve_noise_model
 from romer.core.io import atomic_path, write_json
 from romer.core.paths import NOISE_MODEL
+from romer.core.staleness import made_with
+
+# what noise/noise_model.json is made from (the stage's params in dvc.yaml); the stages that load it check them
+NOISE_MODEL_PARAMS = ("noise.source", "noise.degree")
 
 METRICS_OUT = Path("metrics/noise_fit.json")
 PLOT_OUT = Path("metrics/plots/noise_fit.png")
@@ -23,6 +27,7 @@ def run_fit_noise(p, model_out=NOISE_MODEL):
     model = resolve_noise_model(p.noise.source, degree=p.noise.degree)
     full = model.to_json()
     full["source"] = p.noise.source
+    full["made_with"] = made_with(p, NOISE_MODEL_PARAMS)
     summary = {"source": p.noise.source, **{k: v for k, v in model.summary().items() if k != "source"}}
     with atomic_path(PLOT_OUT) as tmp:
         plot_fit(full, tmp)

@@ -20,3 +20,18 @@ def exit_on_user_error(fn):
             raise SystemExit(2)
 
     return wrapper
+
+
+def stage_entry(fn):
+    """Decorator of a DVC stage's main: its outputs are staged and moved into place only when the whole
+    stage succeeds (romer.core.io.staged_outputs), and a UserError is one line and exit 2."""
+
+    @exit_on_user_error
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        from romer.core.io import staged_outputs
+
+        with staged_outputs():
+            return fn(*args, **kwargs)
+
+    return wrapper

@@ -7,6 +7,7 @@ message that names the key (dotted, e.g. `calibrate.percentiles`) and what was e
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -19,7 +20,15 @@ ANALOG_KINDS = ("routed_experts", "shared_experts", "attention", "router", "dens
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a NaN or inf anywhere (lists too) is refused, never carried into a run.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _unique(v, what="values"):
+    dup = sorted({x for x in v if v.count(x) > 1})
+    if dup:
+        raise ValueError(f"{what} must not repeat (repeated: {dup}): a repeated seed is the same chip counted twice")
+    return v
 
 
 class ModelParams(_Section):
@@ -33,6 +42,9 @@ class ModelParams(_Section):
     # Spread a model larger than one GPU over the GPUs (then the CPU) with accelerate; `device` is
     # then ignored. null: the whole model on `device`.
     device_map: Optional[Literal["auto", "balanced", "balanced_low_0", "sequential"]] = None
+    # Weights the checkpoint lacks (or has in the wrong shape) are an error: transformers would
+    # silently initialise them at random. true: load anyway, with a warning that names them.
+    allow_missing_weights: bool = False
 
 
 class BuiltinParams(_Section):
@@ -188,6 +200,14 @@ class CalibParams(_Section):
     seq_len: int = Field(256, ge=8)
     batch_size: int = Field(16, gt=0)
     seeds: list[int] = Field(default_factory=lambda: [100, 101, 102], min_length=1)
+    # n_seqs x seq_len more tokens than the calibration text holds: an error, unless true (windows
+    # then overlap, and the calibration sees the same tokens more than once).
+    allow_overlap: bool = False
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        return _unique(v, "seeds")
 
 
 class ReplaceParams(_Section):
@@ -232,6 +252,11 @@ class EvalParams(_Section):
     # heterogeneous analog-digital baseline: fractions of experts per layer kept digital (besides
     # the matched budget, which equals the fraction of experts ROMER rewrites)
     hetero_fractions: list[float] = Field(default_factory=lambda: [0.125, 0.25])
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        return _unique(v, "seeds")
 
     @field_validator("hetero_fractions")
     @classmethod
@@ -323,20 +348,70 @@ def _format_error(path, err: ValidationError) -> str:
     return "\n  ".join(lines)
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _DuplicateKey((key_node, seen[key], key))
+            seen[key] = key_node
+        return super().construct_mapping(node, deep)
+
+
+def _key_paths(node, prefix=""):
+    """(dotted key, key node) of every mapping key in a composed YAML tree."""
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            name = f"{prefix}{k.value}"
+            yield name, k
+            yield from _key_paths(v, name + ".")
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            yield from _key_paths(v, f"{prefix}{i}.")
+
+
+def _parse_yaml(path: Path, text: str):
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except _DuplicateKey as e:
+        second, first, _ = e.args[0]
+        # Name the key by its dotted path: compose the tree again and find the node at that place.
+        where = (second.start_mark.line, second.start_mark.column)
+        name = next((n for n, k in _key_paths(yaml.compose(text, Loader=yaml.SafeLoader))
+                     if (k.start_mark.line, k.start_mark.column) == where), str(second.value))
+        raise UserError(f"{path}: key '{name}' is given twice (lines {first.start_mark.line + 1} and "
+                        f"{second.start_mark.line + 1}); YAML would silently keep the last one. "
+                        f"Delete one of them.") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+
+
 def load_params(path="params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"params file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {e}") from None
+    raw = _parse_yaml(path, path.read_text())
+    if raw is None:
+        raise UserError(f"{path}: is empty; expected the sections of params.yaml (model, noise, cim, ...). "
+                        f"`git checkout {path.name}` restores the committed defaults.")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections at the top level")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as e:
         raise UserError(_format_error(path, e)) from None
+    missing = [name for name in Params.model_fields if name not in raw]
+    if missing:
+        # A partial file is allowed (tests, quick experiments) but never silently.
+        print(f"note: {path} has no section(s) {', '.join(missing)}: using their defaults", file=sys.stderr)
+    return params
 
 
 def flatten(d, prefix=""):

@@ -21,6 +21,8 @@ def load_text(name: str, builtin_cfg=None, key="eval.dataset") -> str:
 
         return builtin_splits(builtin_cfg)[BUILTIN[name]]
     p = Path(name)
+    if p.is_dir():
+        raise UserError(f"params key '{key}': {p} is a directory; expected a UTF-8 text file (or a builtin split)")
     if p.is_file():
         try:
             text = p.read_text(encoding="utf-8")
@@ -67,6 +69,9 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 def eval_windows(ids: torch.Tensor, seq_len: int, max_tokens=None, key="eval") -> torch.Tensor:
     """Non-overlapping windows [N, seq_len] over the token stream (the ragged tail is dropped)."""
     if max_tokens is not None:
+        if max_tokens < seq_len:
+            raise UserError(f"params key '{key}.max_tokens': {max_tokens} is fewer than one window of "
+                            f"{key}.seq_len={seq_len}")
         ids = ids[:max_tokens]
     n = ids.numel() // seq_len
     if n < 1:
@@ -77,9 +82,14 @@ def eval_windows(ids: torch.Tensor, seq_len: int, max_tokens=None, key="eval") -
     return ids[: n * seq_len].view(n, seq_len)
 
 
-def calib_windows(ids: torch.Tensor, n_seqs: int, seq_len: int, key="calib") -> torch.Tensor:
-    """n_seqs windows of seq_len spread evenly over the token stream (deterministic)."""
+def calib_windows(ids: torch.Tensor, n_seqs: int, seq_len: int, key="calib", allow_overlap=False) -> torch.Tensor:
+    """n_seqs windows of seq_len spread evenly over the token stream (deterministic); they overlap (repeat
+    tokens) only when the text is shorter than n_seqs x seq_len and allow_overlap says so."""
     if ids.numel() < seq_len:
         raise UserError(f"params key '{key}.dataset': only {ids.numel()} tokens, fewer than {key}.seq_len={seq_len}")
+    if n_seqs * seq_len > ids.numel() and not allow_overlap:
+        raise UserError(f"params key '{key}.n_seqs': {n_seqs} windows of {key}.seq_len={seq_len} need "
+                        f"{n_seqs * seq_len} tokens, the text has {ids.numel()}: the windows would overlap. Lower "
+                        f"{key}.n_seqs or {key}.seq_len, use a longer text, or set {key}.allow_overlap: true")
     starts = torch.linspace(0, ids.numel() - seq_len, n_seqs).long()
     return torch.stack([ids[s: s + seq_len] for s in starts])

@@ -14,7 +14,9 @@ fetch_model recorded them.
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ from romer.core.provenance import model_files_sha256
 
 BUILTIN_DIR = Path(MODEL_DIR)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -58,6 +61,9 @@ def _download(repo_id, revision):
 def resolve_source(source: str, revision=None) -> Path:
     """A local directory holding config.json (+ safetensors) for any model source."""
     if source == "builtin":
+        if not BUILTIN_DIR.is_dir():
+            raise UserError(f"the builtin model is not trained yet: {BUILTIN_DIR} does not exist in {Path.cwd()}. "
+                            "Run `make repro` (or `dvc repro fetch_model`) in the repo root, and run from there")
         source = str(BUILTIN_DIR)
     p = Path(source)
     if p.is_dir():
@@ -106,11 +112,13 @@ def _verified_local(ref) -> Path:
 
 
 def load_model(source="builtin", revision=None, trust_remote_code=False, dtype="float32", device="cpu",
-               device_map=None):
+               device_map=None, allow_missing_weights=False):
     """Load a causal LM in eval mode (safetensors only). Raises UserError on any bad input.
 
     device_map ("auto", ...): accelerate places the layers over the GPUs, then the CPU, and
     `device` is ignored; for a model larger than one GPU.
+    allow_missing_weights: load even when the weights miss tensors the config asks for (transformers
+    initialises them randomly) or hold tensors it does not; otherwise that is an error naming them.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -149,12 +157,63 @@ def load_model(source="builtin", revision=None, trust_remote_code=False, dtype="
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     except Exception as e:
         raise UserError(f"model at {path}: cannot load weights ({type(e).__name__}: {str(e)[:300]})") from None
+    _check_loading_info(path, info, allow_missing_weights)
     if device_map is not None:
         return model.eval()  # accelerate has placed (and hooked) every layer
     return model.to(resolve_device(device)).eval()
+
+
+def _check_loading_info(path, info, allow):
+    """Missing weights would be random, unexpected ones ignored: both mean the weights are not this config's
+    model (e.g. a config that claims more layers than the weights hold)."""
+    problems = [(what, sorted(info.get(key) or [])) for what, key in
+                (("missing from the weights (they would be randomly initialised)", "missing_keys"),
+                 ("in the weights but not in the model", "unexpected_keys"),
+                 ("of another shape than the config's", "mismatched_keys"))]
+    problems = [(what, [str(k[0]) if isinstance(k, tuple) else str(k) for k in keys]) for what, keys in problems if keys]
+    if not problems:
+        return
+    text = "; ".join(f"{len(keys)} tensor(s) {what}: {', '.join(keys[:4])}" + (", ..." if len(keys) > 4 else "")
+                     for what, keys in problems)
+    if allow:
+        print(f"warning: model at {path}: {text} (model.allow_missing_weights: true)", file=sys.stderr)
+        return
+    raise UserError(f"model at {path}: the weights do not match config.json: {text}. Fix the model directory, "
+                    "or set model.allow_missing_weights: true to load it anyway (for debugging only)")
+
+
+def check_model_dir(model_dir, params):
+    """The model directory fetch_model made must exist and be what params' model.* (and builtin.*) say;
+    else one line naming the stale keys and `dvc repro fetch_model`."""
+    from romer.core.staleness import check_made_with
+
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise UserError(f"{d} not found in {Path.cwd()}: it is made by the fetch_model stage; run "
+                        "`dvc repro fetch_model` first (or `dvc repro`), from the repo root")
+    m = params.model
+    pointer = d / "source.json"
+    if pointer.is_file():
+        ref = json.loads(pointer.read_text())
+        have = ref.get("path") if ref.get("kind") == "local" else ref.get("id")
+        same = m.source != "builtin" and (os.path.normpath(str(have)) == os.path.normpath(m.source))
+        recorded = {"model.source": m.source if same else have}
+        if ref.get("kind") == "hub":
+            recorded["model.revision"] = ref.get("revision")
+        elif m.revision is not None:
+            recorded["model.revision"] = ref.get("sha256")
+        check_made_with(d, recorded, params, "fetch_model")
+        return
+    if m.source != "builtin":
+        check_made_with(d, {"model.source": "builtin"}, params, "fetch_model")
+    report = d / "builtin_report.json"
+    if report.is_file():
+        cfg = json.loads(report.read_text()).get("config") or {}
+        check_made_with(d, {f"builtin.{k}": v for k, v in cfg.items() if k in type(params.builtin).model_fields},
+                        params, "fetch_model")
 
 
 def input_device(model) -> torch.device:
@@ -179,10 +238,17 @@ def load_tokenizer(source="builtin", revision=None, trust_remote_code=False):
     from transformers import AutoTokenizer
 
     path = resolve_source(source, revision)
+    # without its files transformers builds an empty tokenizer of the model type, and every text is ~0 tokens
+    if not any((path / f).is_file() for f in TOKENIZER_FILES) and not any(path.glob("*.tiktoken")):
+        raise UserError(f"model at {path} has no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}); "
+                        "copy them from where the model came from")
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise UserError(f"model at {path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+    if len(tok) < 16:
+        raise UserError(f"model at {path}: the tokenizer has only {len(tok)} tokens; its files are incomplete")
+    return tok
 
 
 def fetch_external(model_params, out_dir=BUILTIN_DIR):
@@ -191,6 +257,13 @@ def fetch_external(model_params, out_dir=BUILTIN_DIR):
     A local source: the pointer records the sha256 of its model files; `model.revision`, if set, must be
     that sha256 (the pin DVC sees, as params are deps of fetch_model)."""
     source = model_params.source
+    src, out = Path(source).resolve(), Path(out_dir).resolve()
+    if Path(source).exists() and (src == out or out in src.parents or src in out.parents):
+        raise UserError(f"params key 'model.source': {source} is (or holds) fetch_model's own output {out_dir}, "
+                        "which fetch_model replaces; point it at the model's own directory")
+    if Path(source).exists() and not Path(source).is_dir():
+        raise UserError(f"params key 'model.source': {source} is a file; expected a model directory "
+                        "(save_pretrained), a hub id (owner/name) or builtin")
     if Path(source).is_dir():
         resolve_source(source)  # a model directory (config.json), not a pointer or something else
         digest = model_files_sha256(source)
@@ -223,7 +296,7 @@ def fetch_external(model_params, out_dir=BUILTIN_DIR):
     with torch.device("meta"):
         m = AutoModelForCausalLM.from_config(cfg, trust_remote_code=model_params.trust_remote_code)
     get_adapter(m)
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir, is_dir=True) as tmp:
         tmp.mkdir()
         (tmp / "source.json").write_text(json.dumps(ref, indent=2) + "\n")
     return ref

@@ -18,12 +18,14 @@ from romer.cim.mapping import AnalogWeights, ArrayVariation
 from romer.cim.noise_models import NoiseModel
 from romer.cim.periphery import Periphery, periphery_config
 from romer.cim.sources import scale_warning
+from romer.core.errors import UserError
 from romer.core.paths import MODEL_DIR, NOISE_MODEL
+from romer.core.staleness import check_made_with, read_input
 from romer.data.text import calib_windows, eval_windows, load_text, tokenize
 from romer.methods.calibration import calibrate_maps, collect_logits, compose, make_transform, percentiles
 from romer.methods.replacement import pairs_by_layer, routing_fns, weight_edit
 from romer.moe.adapters import analog_tensors, get_adapter
-from romer.moe.models import input_device, load_model, load_tokenizer, resolve_device
+from romer.moe.models import check_model_dir, input_device, load_model, load_tokenizer, resolve_device
 
 
 def noise_label(params, strength: float = 1.0) -> dict:
@@ -51,9 +53,14 @@ class Experiment:
         self.params = params
         m = params.model
         if model is None:
+            if Path(model_dir) == Path(MODEL_DIR):  # the pipeline's model: made by fetch_model from these params
+                check_model_dir(model_dir, params)
+            if noise_model is None:  # refuse a stale noise model before loading the weights
+                noise_model = self._load_noise_model(noise_model_path)
             self.device = None if m.device_map else resolve_device(m.device)
             model = load_model(model_dir, trust_remote_code=m.trust_remote_code, dtype=m.dtype,
-                               device=self.device or "cpu", device_map=m.device_map)
+                               device=self.device or "cpu", device_map=m.device_map,
+                               allow_missing_weights=m.allow_missing_weights)
             tokenizer = load_tokenizer(model_dir, trust_remote_code=m.trust_remote_code)
         self.model, self.tokenizer = model, tokenizer
         self.device = input_device(model)  # inputs go where the embedding is (device_map too)
@@ -65,7 +72,7 @@ class Experiment:
         self.top_k = self.adapter.top_k(self.blocks[0])
         self.layers = [b.layer for b in self.blocks]
         if noise_model is None:
-            noise_model = NoiseModel.from_json(json.loads(Path(noise_model_path).read_text()))
+            noise_model = self._load_noise_model(noise_model_path)
         self.noise_model = noise_model
         n = params.noise
         warn = scale_warning(n.source, n.prog_scale, n.read_scale, n.drift_scale)
@@ -88,11 +95,26 @@ class Experiment:
         self._state_key = None  # what the weights hold now (see set_state)
         self._seed = None
 
+    def _load_noise_model(self, path):
+        """The fit_noise stage's noise model, refused when it was made from another noise.source/degree."""
+        from romer.cim.stage import NOISE_MODEL_PARAMS
+
+        d = read_input(path, "fit_noise")
+        recorded = d.get("made_with") or ({"noise.source": d["source"]} if "source" in d else None)
+        if Path(path) == Path(NOISE_MODEL):
+            check_made_with(path, {k: v for k, v in (recorded or {}).items() if k in NOISE_MODEL_PARAMS},
+                            self.params, "fit_noise")
+        return NoiseModel.from_json(d, where=str(path))
+
     # ---- data ------------------------------------------------------------------------------
     def windows(self, dataset, seq_len, n_seqs=None, max_tokens=None, key="eval"):
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit and seq_len > limit:  # positions beyond it are untrained (or an error): refuse before any work
+            raise UserError(f"params key '{key}.seq_len': {seq_len} is longer than the model's "
+                            f"max_position_embeddings ({limit})")
         ids = tokenize(self.tokenizer, load_text(dataset, self.params.builtin, key=f"{key}.dataset"))
         if n_seqs is not None:
-            return calib_windows(ids, n_seqs, seq_len, key=key)
+            return calib_windows(ids, n_seqs, seq_len, key=key, allow_overlap=self.params.calib.allow_overlap)
         return eval_windows(ids, seq_len, max_tokens, key=key)
 
     def calib_windows(self):

@@ -11,9 +11,10 @@ import torch
 from tqdm.auto import tqdm
 
 from romer.core import numerics
-from romer.core.io import read_json, write_json
+from romer.core.io import write_json
 from romer.core.paths import EVAL_JSON, MODEL_DIR, NOISE_MODEL, PERCENTILES_JSON, PLAN_JSON, PLOTS, PROFILE_JSON
 from romer.core.provenance import provenance, versions
+from romer.core.staleness import check_made_with, made_with, read_input
 from romer.evaluation.measure import mean_ci, paired_reduction, perplexity, routing_report
 from romer.methods.replacement import make_plan, pairs_by_layer
 from romer.moe.routing import Recorder
@@ -67,7 +68,7 @@ def run_replace(params) -> dict:
     """The expected plan (from the load averaged over the calib.seeds instances), the plan each of
     those instances would make for itself, and the per-chip budget (mean fraction of experts
     replaced), which sizes the heterogeneous baseline."""
-    profile = read_json(PROFILE_JSON)
+    profile = read_input(PROFILE_JSON, "profile")
     r = params.replace
     plan = make_plan(profile["noisy_load"], r.tau, r.max_per_layer, r.strategy)
     per_chip = {seed: plan_from_report(rep, r) for seed, rep in profile["noisy"].items()}
@@ -80,6 +81,13 @@ def run_replace(params) -> dict:
 
 
 # ---- percentiles --------------------------------------------------------------------------------
+# what artifacts/percentiles.json is made from (its params in dvc.yaml but numerics and model.device*,
+# which do not change the values); evaluate checks them
+PERCENTILES_PARAMS = ("model.dtype", "noise.prog_scale", "noise.read_scale", "noise.drift_scale",
+                      "noise.t_inference_s", "noise.drift_compensation", "cim", "calib",
+                      "calibrate.percentiles", "calibrate.layerwise")
+
+
 def _pct_to_json(p):
     return {str(k): v.tolist() for k, v in p.items()}
 
@@ -103,7 +111,8 @@ def run_percentiles(params, exp=None) -> dict:
     from romer.pipeline.experiment import Experiment
 
     exp = exp or Experiment(params)
-    out = compute_percentiles(exp, read_json(PLAN_JSON), exp.calib_windows())
+    out = compute_percentiles(exp, read_input(PLAN_JSON, "replace"), exp.calib_windows())
+    out["made_with"] = made_with(params, PERCENTILES_PARAMS)
     write_json(PERCENTILES_JSON, out)
     return out
 
@@ -247,13 +256,13 @@ def run_evaluate(params, exp=None, log_mlflow=True) -> dict:
         from romer.evaluation.tasks import check_task_names
 
         check_task_names(e.tasks)  # fail before any model work
+    plan = read_input(PLAN_JSON, "replace")
+    pct = read_input(PERCENTILES_JSON, "percentiles")
+    check_made_with(PERCENTILES_JSON, pct.get("made_with") or {"calibrate.percentiles": pct["percentiles"]},
+                    params, "percentiles")
     exp = exp or Experiment(params)
     eval_w = exp.windows(e.dataset, e.seq_len, max_tokens=e.max_tokens, key="eval")
     calib_w = exp.calib_windows()
-    plan = read_json(PLAN_JSON)
-    pct = read_json(PERCENTILES_JSON)
-    if pct["percentiles"] != list(params.calibrate.percentiles):
-        raise RuntimeError(f"{PERCENTILES_JSON} was made with other percentiles; rerun the percentiles stage")
     mode = params.calibrate.mode
     modes = (mode, "expected" if mode == "per_chip" else "per_chip")
 

@@ -36,8 +36,9 @@ def plot_profile(profile: dict, out_dir):
     for layer in layers:
         c = profile["clean"]["layers"][layer]["load"]
         n = profile["noisy_load"][layer]
-        rows += [[int(layer), e, round(c[e], 6), round(n[e], 6)] for e in range(E)]
-    _csv(out_dir / "profile_load.csv", ["layer", "expert", "clean", "noisy"], rows)
+        rows += [[int(layer) * E + e, int(layer), e, round(c[e], 6), round(n[e], 6)] for e in range(E)]
+    # slot = layer x E + expert: an x that does not repeat across layers (dvc plots draws one line)
+    _csv(out_dir / "profile_load.csv", ["slot", "layer", "expert", "clean", "noisy"], rows)
     cols = min(4, len(layers))
     nrows = (len(layers) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.4 * nrows), squeeze=False)
