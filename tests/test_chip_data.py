@@ -127,3 +127,53 @@ def test_empty_missing_and_unmatched(tmp_path):
     (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00\x81garbage")
     with pytest.raises(UserError, match="not a UTF-8"):
         load_measurements(tmp_path / "bin.csv")
+
+
+@pytest.mark.parametrize("factor, unit", [(1e-6, "S"), (1e-3, "mS"), (1e3, "nS"), (1e6, "pS")])
+def test_values_not_in_microsiemens_are_refused_naming_the_unit(tmp_path, factor, unit):
+    rows = [[g * factor, m * factor] for g, m in good_rows()]
+    p = write_csv(tmp_path / "unit.csv", ["g_target_uS", "g_measured_uS"], rows)
+    with pytest.raises(UserError) as e:
+        load_measurements(p)
+    msg = str(e.value)
+    assert "unit.csv: column 'g_target_uS'" in msg and "do not look like microsiemens" in msg
+    assert f"they fit as {unit}" in msg
+
+
+def test_a_row_in_another_unit_is_named(tmp_path):
+    rows = good_rows()
+    rows[7][1] = 12.0e3  # one read logged in nS
+    p = write_csv(tmp_path / "row.csv", ["g_target_uS", "g_measured_uS"], rows)
+    with pytest.raises(UserError, match=r"row.csv: column 'g_measured_uS': 1 read\(s\) above 100x the largest "
+                                        r"target \(20 uS\), e.g. line 9 \(1.2e\+04\)"):
+        load_measurements(p)
+
+
+def test_all_zero_targets_are_refused(tmp_path):
+    p = write_csv(tmp_path / "z.csv", ["g_target_uS", "g_measured_uS"], [[0, 0.1]] * 20)
+    with pytest.raises(UserError, match="every target is 0"):
+        load_measurements(p)
+
+
+def test_levels_are_grouped_relatively_not_by_absolute_rounding(tmp_path):
+    # 1e-7 apart is a different level at 0.5 uS (relative 2e-7) though 6-decimal rounding merged them;
+    # float text noise (relative 1e-12) is the same level.
+    rows = [[g, g] for g in (0.5, 0.5000001, 10.0, 10.0 * (1 + 1e-12)) for _ in range(12)]
+    m = load_measurements(write_csv(tmp_path / "lv.csv", ["g_target_uS", "g_measured_uS"], rows))
+    assert list(m.level_g) == [0.5, 0.5000001, 10.0]
+    assert np.bincount(m.level).tolist() == [12, 12, 24]
+
+
+def test_streaming_reader_matches_across_chunks(tmp_path, monkeypatch):
+    """Chunk boundaries change nothing: the same file read in 7-row chunks gives the same arrays and errors."""
+    import romer.cim.chip_data as cd
+
+    ref = load_measurements(CHIP / "pcm_sample.csv")
+    monkeypatch.setattr(cd, "CHUNK_ROWS", 7)
+    small = load_measurements(CHIP / "pcm_sample.csv")
+    for name in ("g_target", "g_measured", "t_s", "device", "read_id", "line", "level"):
+        assert np.array_equal(getattr(ref, name), getattr(small, name)), name
+    rows = good_rows()
+    rows[30][1] = "x"
+    with pytest.raises(UserError, match=r"line 32 \(data row 31\), column 'g_measured_uS': 'x' is not a number"):
+        load_measurements(write_csv(tmp_path / "c.csv", ["g_target_uS", "g_measured_uS"], rows))

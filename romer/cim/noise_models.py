@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
-import torch
+
+# torch is imported inside the functions that use it: fitting a noise model (`romer fit-noise`) needs
+# only numpy, and importing torch costs ~1 s and ~200 MB, as much as a million-row CSV.
 
 from romer.core.errors import UserError
 
@@ -42,6 +44,7 @@ GAUSSIAN_DEFAULT_FRACTION = 0.05
 
 def poly_eval(coeffs, x):
     """sum_k coeffs[k] * x**k (Horner), x a tensor."""
+    import torch
     if len(coeffs) == 1:
         return torch.full_like(x, float(coeffs[0]))
     out = x * float(coeffs[-1])
@@ -64,6 +67,7 @@ def interp(x: torch.Tensor, xp, fp) -> torch.Tensor:
     two gathers from a 100-entry table and one multiply-add: on a 2-core CPU this made the noise
     pass of the builtin model 3x faster (searchsorted and advanced indexing were 70% of it).
     """
+    import torch
     xp_np = np.asarray(xp, dtype=np.float64).reshape(-1)
     fp_np = np.asarray(fp, dtype=np.float64).reshape(-1)
     if xp_np.size == 1:
@@ -146,6 +150,7 @@ class NoiseModel:
 
     def drift_nu(self, g: torch.Tensor):
         """(mean, std) of the drift exponent nu at target conductance g."""
+        import torch
         if self.drift is None:
             z = torch.zeros_like(g)
             return z, z
@@ -167,6 +172,7 @@ class NoiseModel:
         g_now: the drifted conductance at t_s (PCM law: sigma = |g_now| Q_s(g) sqrt(ln(...)), as
         aihwkit's PCMLikeNoiseModel); None: g drifted by the mean nu.
         """
+        import torch
         if self.read is None:
             return torch.zeros_like(g)
         if self.read["law"] == "pcm":
@@ -186,6 +192,7 @@ class NoiseModel:
         return np.linspace(0.0, self.g_max, GRID_POINTS)
 
     def to_json(self) -> dict:
+        import torch
         if self.extra is not None:
             return json.loads(json.dumps(self.extra))
         g = torch.tensor(self.grid(), dtype=torch.float64)
@@ -267,6 +274,7 @@ class NoiseModel:
 
     def summary(self) -> dict:
         """Small numeric summary for metrics/noise_fit.json."""
+        import torch
         j = self.to_json()
         g = torch.tensor([0.25 * self.g_max, 0.5 * self.g_max, self.g_max], dtype=torch.float64)
         s = {
