@@ -48,7 +48,8 @@ def _cmd_presets(args):
 def _cmd_mlflow_log(args):
     from romer.reporting.tracking import log_committed_metrics
 
-    log_committed_metrics(args.params)
+    log_committed_metrics(args.params, eval_json=args.eval_json, run_name=args.run_name,
+                          tracking_uri=args.tracking_uri)
 
 
 def build_parser():
@@ -99,6 +100,9 @@ def build_parser():
 
     s = sub.add_parser("mlflow-log", help="log the committed metrics of a finished run to MLflow")
     s.add_argument("--params", default="params.yaml")
+    s.add_argument("--eval-json", default="metrics/eval.json", help="the eval.json to log (default: %(default)s)")
+    s.add_argument("--run-name", default=None, help="MLflow run name (default: model|noise|scales|periphery|t)")
+    s.add_argument("--tracking-uri", default=None, help="override mlflow.tracking_uri of the params file")
     s.set_defaults(fn=_cmd_mlflow_log)
     return p
 

@@ -104,23 +104,28 @@ def _levels(gs=(2, 4, 6, 8, 10, 12, 14, 16, 18), n=20, unit=1.0, bad=None):
 def round2(tmp, olmoe):
     """Reliability round 2: silent wrong results, data loss and misleading errors (each its own dir)."""
     import json
-    import shutil
 
     def d(name):
         (tmp / name).mkdir()
         return name
 
-    def pipeline_dir(name, noise_source="data/chip/pcm_sample.csv", tokenizer=True, layers=None):
+    from romer.builtin.train import train_tokenizer
+
+    tok = train_tokenizer((REPO / "README.md").read_text(), 300)  # works without a trained models/model
+
+    def pipeline_dir(name, noise_source="data/chip/pcm_sample.csv", tokenizer=True, layers=None, max_pos=None):
         """A scratch repo dir with a tiny models/model and the noise model fit_noise made from noise_source."""
         root = tmp / d(name)
         olmoe.save_pretrained(root / "models/model")
         if tokenizer:
-            for f in ("tokenizer.json", "tokenizer_config.json"):
-                shutil.copy(REPO / "models/model" / f, root / "models/model" / f)
+            tok.save_pretrained(root / "models/model")
+        cfg = json.loads((root / "models/model/config.json").read_text())
         if layers is not None:
-            cfg = json.loads((root / "models/model/config.json").read_text())
             cfg["num_hidden_layers"] = layers
-            (root / "models/model/config.json").write_text(json.dumps(cfg))
+        if max_pos is not None:
+            cfg["max_position_embeddings"] = max_pos
+        (root / "models/model/config.json").write_text(json.dumps(cfg))
+        (root / "medium.txt").write_text(" ".join(f"word{i % 50}" for i in range(300)))  # a few hundred tokens
         (root / "noise").mkdir()
         (root / "noise/noise_model.json").write_text(json.dumps(
             {"g_max_uS": 25.0, "programming_sigma_poly": {"coeffs_uS": [0.5]}, "source": noise_source,
@@ -168,13 +173,18 @@ def round2(tmp, olmoe):
         ("stale: noise model made from another noise.source", {"noise.source": "reram-wan2022"}, ["stages/profile.py"],
          pipeline_dir("stale_noise")),
         ("stale: percentiles made with other calibrate.percentiles", {}, ["stages/evaluate.py"], "stale_pct"),
-        ("calib.seq_len above max_position_embeddings", {"calib.seq_len": 256}, ["stages/profile.py"],
-         pipeline_dir("long_seq")),
-        ("calibration windows would overlap (short text)", {"calib.dataset": "short.txt", "calib.seq_len": 4},
+        ("calib.seq_len above max_position_embeddings", {"calib.seq_len": 256, "calib.dataset": "medium.txt"},
+         ["stages/profile.py"], pipeline_dir("long_seq", max_pos=128)),
+        ("calibration windows would overlap (short text)", {"calib.dataset": "medium.txt", "calib.seq_len": 64},
          ["stages/profile.py"], pipeline_dir("overlap")),
         ("eval.max_tokens below eval.seq_len", {"eval.max_tokens": 100, "eval.dataset": "short.txt"}, ["py", "eval_text"]),
         ("eval text: a directory", {"eval.dataset": "chipdir"}, ["py", "eval_text"]),
         ("MLflow URI: garbage", {"mlflow.tracking_uri": "foo://bar"}, ["mlflow-log"]),
+        ("MLflow URI: a plain word (the old file store)", {"mlflow.tracking_uri": "mlruns"}, ["stages/evaluate.py"]),
+        ("mlflow-log: --eval-json that is not JSON", None,
+         ["mlflow-log", "--eval-json", csv(tmp, "notjson.json", "{oops"), "--tracking-uri", "sqlite:///x.db"]),
+        ("fit: a CSV in nanosiemens", None, ["fit-noise", csv(tmp, "nanos.csv", _levels(unit=1e3)), "-o", "o.json"]),
+        ("params: NaN inside a list", {"eval.hetero_fractions": [0.25, float("nan")]}, ["stages/fit_noise.py"]),
         ("MLflow URI: sqlite file that is a directory", {"mlflow.tracking_uri": "sqlite:///chipdir"}, ["mlflow-log"]),
     ]
 

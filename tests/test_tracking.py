@@ -217,7 +217,7 @@ def test_mlflow_log_command_unreachable_exits_2(tmp_path, monkeypatch, capsys):
     assert cli_main(["mlflow-log"]) == 2
     assert time.time() - t0 < 15
     err = capsys.readouterr().err
-    assert err.startswith("error: cannot log to MLflow at " + uri) and "not reachable" in err
+    assert "\nerror: cannot log to MLflow at " + uri in err and "not reachable" in err
     assert "Traceback" not in err
 
 
@@ -226,3 +226,77 @@ def test_mlflow_log_command_without_metrics_exits_2(tmp_path, monkeypatch, capsy
     (tmp_path / "params.yaml").write_text("mlflow: {tracking_uri: 'http://127.0.0.1:1'}\n")
     assert cli_main(["mlflow-log"]) == 2
     assert "metrics/eval.json not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("uri, needle", [
+    ("mlruns", "not a tracking URI"),
+    ("my-server:5000", "not a tracking URI"),
+    ("sqlite://mlflow.db", "three slashes"),
+    ("ftp://host/x", "not a tracking URI"),
+])
+def test_garbage_tracking_uri_is_refused_with_the_params(tmp_path, uri, needle):
+    from romer.core.errors import UserError
+    from romer.core.params import load_params
+
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump({"mlflow": {"tracking_uri": uri}}))
+    with pytest.raises(UserError) as e:
+        load_params(p)
+    assert "key 'mlflow.tracking_uri'" in str(e.value) and needle in str(e.value)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_sqlite_uri_to_a_directory_fails_fast(workdir, capsys):
+    from romer.core.errors import UserError
+
+    (workdir / "db").mkdir()
+    params = Params(mlflow={"tracking_uri": f"sqlite:///{workdir / 'db'}"})
+    t0 = time.time()
+    with pytest.raises(UserError, match="is a directory; give a database file"):
+        log_run(params, EVAL, strict=True)
+    assert log_run(params, EVAL) is None  # the stage: one warning, the metrics are kept
+    assert time.time() - t0 < 5
+    assert "warning: MLflow logging skipped:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how, status, code", [("sigterm", "KILLED", 143), ("sigint", "KILLED", 130),
+                                                ("error", "FAILED", None)])
+def test_interrupted_logging_ends_the_run(workdir, monkeypatch, how, status, code):
+    """SIGTERM or Ctrl-C while the artifacts upload: the run ends KILLED, not RUNNING forever; an error: FAILED."""
+    import mlflow
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+
+    def interrupt(*a, **k):
+        if how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+        elif how == "sigint":
+            raise KeyboardInterrupt
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mlflow, "log_metrics", interrupt)
+    if code is None:
+        assert log_run(Params(mlflow={"tracking_uri": uri}), EVAL) is None  # warns, the stage goes on
+    else:
+        with pytest.raises(SystemExit) as e:
+            log_run(Params(mlflow={"tracking_uri": uri}), EVAL)
+        assert e.value.code == code
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+    runs = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("romer").experiment_id])
+    assert [r.info.status for r in runs] == [status]
+
+
+def test_mlflow_log_command_options(workdir, capsys):
+    import mlflow
+
+    uri = f"sqlite:///{workdir / 'other.db'}"
+    (workdir / "params.yaml").write_text("mlflow: {tracking_uri: 'http://127.0.0.1:1'}\n")
+    (workdir / "old_eval.json").write_text(json.dumps(EVAL))
+    assert cli_main(["mlflow-log", "--eval-json", "old_eval.json", "--run-name", "rerun-of-x",
+                     "--tracking-uri", uri]) == 0
+    run_id = capsys.readouterr().out.split("logged run ")[1].split()[0]
+    assert mlflow.MlflowClient(uri).get_run(run_id).info.run_name == "rerun-of-x"
+    (workdir / "bad.json").write_text("{not json")
+    assert cli_main(["mlflow-log", "--eval-json", "bad.json", "--tracking-uri", uri]) == 2
+    assert "bad.json: not valid JSON" in capsys.readouterr().err

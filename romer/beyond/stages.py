@@ -207,7 +207,10 @@ def run_fragility(params):
         if not (model_dir / "config.json").is_file():
             raise UserError(f"{model_dir} is missing: run `dvc repro` (default model) and the family_model stage "
                             f"for {name} (dvc repro beyond/dvc.yaml)")
-        p = params.model_copy(update={"model": params.model.model_copy(update={"source": str(model_dir)})})
+        # The default model is models/model as fetch_model made it (checked against model.*); a family's
+        # directory is loaded as a local model.
+        p = params if model_dir == Path(MODEL_DIR) else \
+            params.model_copy(update={"model": params.model.model_copy(update={"source": str(model_dir)})})
         exp = Experiment(p, model_dir=model_dir)
         e = params.eval
         w = exp.windows(e.dataset, e.seq_len, max_tokens=e.max_tokens, key="eval")

@@ -306,10 +306,26 @@ class NumericsParams(_Section):
     threads: int = Field(2, gt=0)
 
 
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
 class MlflowParams(_Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "romer"
     enabled: bool = True
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, v):
+        # MLflow would take a plain word for a file store (deprecated, with a page of warnings).
+        scheme, sep, rest = v.partition("://")
+        expected = ("expected sqlite:///FILE.db, http(s)://HOST:PORT of an `mlflow server`, or a database URI "
+                    "(postgresql://...)")
+        if not sep or scheme.split("+")[0] not in TRACKING_SCHEMES:
+            raise ValueError(f"not a tracking URI; {expected}")
+        if scheme == "sqlite" and (not rest.startswith("/") or not rest.strip("/")):
+            raise ValueError(f"a sqlite URI needs three slashes and a file: sqlite:///mlflow.db; {expected}")
+        return v
 
 
 class Params(_Section):

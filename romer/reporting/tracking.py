@@ -11,8 +11,10 @@ once and `romer mlflow-log` logs the committed metrics later.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 from romer.core.errors import UserError
@@ -62,7 +64,21 @@ def provenance_tags(ev: dict) -> dict:
     return tags
 
 
+def check_tracking_uri(uri: str):
+    """Refuse a sqlite URI that cannot work, at once and in one line (MLflow retries ~100 s on a sqlite
+    path that is a directory). The URI's form is checked with params.yaml (romer.core.params)."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///"):])  # sqlite:///rel.db -> rel.db, sqlite:////abs.db -> /abs.db
+    if path.is_dir():
+        raise UserError(f"mlflow.tracking_uri {uri!r}: {path} is a directory; give a database file such as "
+                        f"sqlite:///{path / 'mlflow.db'}")
+    if str(path.parent) not in ("", ".") and not path.parent.is_dir():
+        raise UserError(f"mlflow.tracking_uri {uri!r}: directory {path.parent} does not exist")
+
+
 def _check_reachable(uri: str):
+    check_tracking_uri(uri)
     if uri.startswith(("http://", "https://")):
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
@@ -70,11 +86,36 @@ def _check_reachable(uri: str):
             raise ConnectionError(f"MLflow tracking server {uri} is not reachable ({type(e).__name__}: {e})")
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised as an exception so that the run is ended (KILLED) instead of left RUNNING."""
+
+
+@contextmanager
+def _sigterm_raises():
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def log_run(params, ev: dict, extra_metrics=None, strict=False, run_name=None, extra_artifacts=()) -> str | None:
     """Log one run; returns its id. With strict=False a failure warns once and returns None."""
     cfg = params.mlflow
     if not cfg.enabled:
         return None
+    # The stage's outputs (eval.json, plots) go into place first: they are logged as artifacts, and an
+    # interrupted or failed logging must not lose them.
+    from romer.core.io import commit_outputs
+
+    commit_outputs()
     try:
         _check_reachable(cfg.tracking_uri)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -86,21 +127,36 @@ def log_run(params, ev: dict, extra_metrics=None, strict=False, run_name=None, e
         n = params.noise
         name = run_name or (f"{params.model.source}|{n.source}|p{n.prog_scale:g} r{n.read_scale:g} d{n.drift_scale:g}"
                             f"|{params.cim.periphery.preset}|t={n.t_inference_s:g}s")
-        with mlflow.start_run(run_name=name) as run:
-            flat = {k: ("null" if v is None else v) for k, v in flatten(params.model_dump(mode="json")).items()}
-            mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
-            metrics = metrics_from_eval(ev)
-            metrics.update(extra_metrics or {})
-            mlflow.log_metrics(metrics)
-            mlflow.set_tags(provenance_tags(ev) | {"model": params.model.source, "noise_source": params.noise.source,
-                                                   "dataset": ev.get("dataset", "")})
-            for a in list(ARTIFACTS) + list(extra_artifacts):
-                p = Path(a)
-                if p.is_dir():
-                    mlflow.log_artifacts(str(p), artifact_path=p.name)
-                elif p.is_file():
-                    mlflow.log_artifact(str(p))
-            return run.info.run_id
+        run = mlflow.start_run(run_name=name)
+        try:
+            with _sigterm_raises():
+                flat = {k: ("null" if v is None else v) for k, v in flatten(params.model_dump(mode="json")).items()}
+                mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+                metrics = metrics_from_eval(ev)
+                metrics.update(extra_metrics or {})
+                mlflow.log_metrics(metrics)
+                mlflow.set_tags(provenance_tags(ev) | {"model": params.model.source, "noise_source": params.noise.source,
+                                                       "dataset": ev.get("dataset", "")})
+                for a in list(ARTIFACTS) + list(extra_artifacts):
+                    p = Path(a)
+                    if p.is_dir():
+                        mlflow.log_artifacts(str(p), artifact_path=p.name)
+                    elif p.is_file():
+                        mlflow.log_artifact(str(p))
+        except (KeyboardInterrupt, Terminated):
+            mlflow.end_run(status="KILLED")  # Ctrl-C or SIGTERM: the run says so, not RUNNING forever
+            print(f"MLflow run {run.info.run_id} ended as KILLED (interrupted)", file=sys.stderr)
+            raise SystemExit(143 if isinstance(sys.exc_info()[1], Terminated) else 130) from None
+        except BaseException:
+            mlflow.end_run(status="FAILED")
+            raise
+        mlflow.end_run()
+        return run.info.run_id
+    except UserError as e:
+        if strict:
+            raise
+        print(f"warning: MLflow logging skipped: {e}. The DVC metrics were written.", file=sys.stderr)
+        return None
     except Exception as e:
         if strict:
             raise UserError(f"cannot log to MLflow at {cfg.tracking_uri}: {type(e).__name__}: {e}") from None
@@ -112,14 +168,24 @@ def log_run(params, ev: dict, extra_metrics=None, strict=False, run_name=None, e
         return None
 
 
-def log_committed_metrics(params_path="params.yaml", eval_json="metrics/eval.json") -> str:
-    """`romer mlflow-log`: log the metrics of a finished run (metrics/eval.json) after the fact."""
+def log_committed_metrics(params_path="params.yaml", eval_json="metrics/eval.json", run_name=None,
+                          tracking_uri=None) -> str:
+    """`romer mlflow-log`: log the metrics of a finished run (an eval.json) after the fact."""
     import json
 
     params = load_params(params_path)
+    if tracking_uri:
+        params.mlflow.tracking_uri = tracking_uri
+    params.mlflow.enabled = True  # asked for explicitly
     p = Path(eval_json)
     if not p.is_file():
         raise UserError(f"{eval_json} not found: run `dvc repro` first")
-    run_id = log_run(params, json.loads(p.read_text()), strict=True)
+    try:
+        ev = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{eval_json}: not valid JSON ({e})") from None
+    if not isinstance(ev, dict) or "ppl" not in ev:
+        raise UserError(f"{eval_json}: not an eval.json (expected the `ppl` of the evaluate stage)")
+    run_id = log_run(params, ev, strict=True, run_name=run_name)
     print(f"logged run {run_id} to {params.mlflow.tracking_uri} (experiment '{params.mlflow.experiment}')")
     return run_id
