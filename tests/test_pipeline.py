@@ -90,7 +90,7 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
     assert set(ev["load_balance"]) >= {"clean", "noisy", "romer"}
     assert "builtin_cloze" in ev["tasks"]
     for f in ("profile.json", "replacement_plan.json", "noise_fit.json", "plots/eval_ppl.png",
-              "plots/profile_load.png", "plots/noise_fit.png"):
+              "plots/profile_load.png", "plots/profile_heatmap.png", "plots/noise_fit.png", "summary.json"):
         assert (tmp_path / "metrics" / f).is_file(), f
     assert stale(tmp_path) == []
 

@@ -16,7 +16,8 @@ import yaml
 
 from romer.cli import main as cli_main
 from romer.core.params import Params, flatten
-from romer.reporting.tracking import log_run, metrics_from_eval
+from romer.reporting.summary import METHOD_KEYS, headline, method_rows
+from romer.reporting.tracking import default_run_name, log_run
 
 
 def mci(values):
@@ -101,55 +102,92 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_metrics_flattened_with_dots():
-    m = metrics_from_eval(EVAL)
-    assert m["ppl.romer.mean"] == 26.0
-    assert m["ppl.noisy.ci95.lo"] == 41.0 and m["ppl.noisy.ci95.hi"] == 43.0
-    assert m["ppl.noisy.per_seed.seed2"] == 44.0
-    assert m["ppl_reduction_ci95.hi"] == 41.2
-    assert m["load_balance.romer.cv"] == 0.5
-    assert m["tasks.builtin_cloze.romer.mean"] == pytest.approx(0.42)
-    assert "tasks.builtin_cloze.metric" not in m  # strings are not metrics
-    assert not any(k.startswith("noise") for k in m)  # the noise label is a description, not a metric
+ARTIFACTS = ["noise/noise_model.json", "metrics/replacement_plan.json", "metrics/plots/ppl.png"]
 
 
-def test_log_run_reads_back_through_rest_api(server, workdir):
+def test_method_rows_and_headline():
+    rows = {r["method"]: r for r in method_rows(EVAL)}
+    assert list(rows) == ["clean", "noisy", "replace_only", "calibrate_only", "romer"]
+    r = rows["romer"]
+    assert (r["ppl_mean"], r["ppl_ci_lo"], r["ppl_ci_hi"]) == (26.0, 25.0, 27.0)
+    assert r["reduction_pct"] == pytest.approx(100 * (42 - 26) / 42)  # positive: better than noisy
+    assert rows["noisy"]["reduction_pct"] == 0.0
+    assert (r["load_cv"], r["maxvio"], r["routing_agreement"]) == (0.5, 1.2, 0.8)
+    assert r["task.builtin_cloze"] == pytest.approx(0.42)
+    assert r["per_seed"] == [(0, 25.0), (1, 26.0), (2, 27.0)]
+    assert rows["clean"]["ppl_ci_lo"] == rows["clean"]["ppl_mean"] == 20.0 and rows["clean"]["per_seed"] == []
+    h = headline(EVAL)
+    assert h["ppl_clean"] == 20.0 and h["ppl_noisy"] == 42.0 and h["ppl_romer"] == 26.0
+    assert h["romer_reduction_pct"] == 38.1 and h["best_method"] == "romer" and h["seeds"] == 3
+
+
+def test_run_name_says_what_differs_from_the_defaults(monkeypatch):
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    assert default_run_name(Params()) == "evaluate defaults"
+    p = Params(noise={"prog_scale": 1.5}, cim={"periphery": {"preset": "aihwkit-hwa"}},
+               mlflow={"tracking_uri": "http://x:1"})  # mlflow.* is not part of what a run is
+    assert default_run_name(p) == "evaluate noise.prog_scale=1.5 cim.periphery.preset=aihwkit-hwa"
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-fawn")
+    assert default_run_name(p, "sweep x2").startswith("brisk-fawn: sweep x2 noise.prog_scale=1.5")
+
+
+def runs_search(server, experiment_id, flt=""):
+    body = json.dumps({"experiment_ids": [experiment_id], "filter": flt, "max_results": 100}).encode()
+    req = urllib.request.Request(server + "/api/2.0/mlflow/runs/search", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read()).get("runs", [])
+
+
+def test_log_run_reads_back_through_rest_api(server, workdir, monkeypatch):
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     params = Params(mlflow={"tracking_uri": server, "experiment": "romer-test"},
                     noise={"prog_scale": 1.5, "read_scale": 0.5})
-    run_id = log_run(params, EVAL, extra_metrics={"wall_time_s": 12.5})
+    t0 = time.time() - 30  # the stage began 30 s ago: the run spans its work
+    run_id = log_run(params, EVAL, extra_metrics={"wall_time_s": 12.5}, artifacts=ARTIFACTS, started_at=t0,
+                     inputs=[("chip.csv", Path("noise/noise_model.json"), "noise_fit")])
     assert run_id
 
     run = get(server, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]
     assert run["info"]["status"] == "FINISHED"
+    assert int(run["info"]["end_time"]) - int(run["info"]["start_time"]) >= 29_000
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
     params_ = {p["key"]: p["value"] for p in run["data"]["params"]}
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
-    assert metrics["ppl.romer.mean"] == 26.0
-    assert metrics["ppl.clean"] == 20.0
-    assert metrics["ppl_reduction_pct"] == 38.1
-    assert metrics["tasks.builtin_cloze.clean"] == 0.5
-    assert metrics["wall_time_s"] == 12.5
+    assert metrics == {"tokens": 4096, "seeds": 3, "ppl_clean": 20.0, "ppl_noisy": 42.0, "ppl_romer": 26.0,
+                       "romer_reduction_pct": 38.1, "romer_reduction_ci_lo": 35.0, "romer_reduction_ci_hi": 41.2,
+                       "load_cv_noisy": 0.9, "load_cv_romer": 0.5, "best_reduction_pct": pytest.approx(38.095),
+                       "wall_time_s": 12.5}
     assert params_["noise.prog_scale"] == "1.5" and params_["noise.read_scale"] == "0.5"
-    assert params_["noise.drift_scale"] == "1.0" and "noise.scale" not in params_
-    assert params_["cim.tile"] == "[512, 512]" and params_["cim.periphery.preset"] == "aihwkit-io-default"
-    assert params_["cim.periphery.out_noise"] == "null" and params_["cim.variation.stuck_frac"] == "0.0"
-    assert run["info"]["run_name"] == "builtin|data/chip/pcm_sample.csv|p1.5 r0.5 d1|aihwkit-io-default|t=86400s"
-    assert params_["calibrate.percentiles"] == "[5.0, 95.0]"
-    assert params_["model.revision"] == "null"
+    assert params_["cim.tile"] == "[512, 512]" and params_["cim.periphery.out_noise"] == "null"
     assert set(params_) == set(flatten(params.model_dump(mode="json")))  # every key of params.yaml
-    assert tags["model"] == "builtin"
-    assert tags["noise_source"] == "data/chip/pcm_sample.csv"
-    assert tags["git_commit"] == "unknown"  # the run directory is not a git checkout
-    assert tags["git_dirty"] == "unknown"
-    assert tags["dataset"] == "builtin-test"
+    assert run["info"]["run_name"] == "evaluate noise.prog_scale=1.5 noise.read_scale=0.5"
+    assert tags["model"] == "builtin" and tags["noise_source"] == "data/chip/pcm_sample.csv"
+    assert tags["git_commit"] == "unknown" and tags["git_dirty"] == "unknown"  # not a git checkout
+    assert tags["dataset"] == "builtin-test" and tags["dvc_experiment"] == "none"
+    assert "noise.prog_scale=1.5" in tags["mlflow.note.content"]
+    assert [i["dataset"]["name"] for i in run["inputs"]["dataset_inputs"]] == ["chip.csv"]
+
+    children = runs_search(server, run["info"]["experiment_id"], f"tags.mlflow.parentRunId = '{run_id}'")
+    by_method = {c["data"]["tags"][[t["key"] for t in c["data"]["tags"]].index("method")]["value"]: c
+                 for c in children}
+    assert sorted(by_method) == ["calibrate_only", "clean", "noisy", "replace_only", "romer"]
+    for method, c in by_method.items():  # the same keys for every method (that has them): Compare lines up
+        keys = {m["key"] for m in c["data"]["metrics"]}
+        want = set(METHOD_KEYS) if method in EVAL["load_balance"] else {"ppl_mean", "ppl_ci_lo", "ppl_ci_hi"}
+        assert want <= keys, (method, keys)
+    romer = {m["key"]: m["value"] for m in by_method["romer"]["data"]["metrics"]}
+    assert romer["ppl_mean"] == 26.0 and romer["task.builtin_cloze"] == pytest.approx(0.42)
+    hist = get(server, "/api/2.0/mlflow/metrics/get-history", run_id=by_method["romer"]["info"]["run_id"],
+               metric_key="ppl_per_seed")["metrics"]
+    assert sorted((int(m["step"]), m["value"]) for m in hist) == [(0, 25.0), (1, 26.0), (2, 27.0)]
 
     def listing(path=None):
         q = {"run_id": run_id, **({"path": path} if path else {})}
         return {f["path"] for f in get(server, "/api/2.0/mlflow/artifacts/list", **q).get("files", [])}
 
-    top = listing()
-    assert {"noise_model.json", "replacement_plan.json", "plots"} <= top
-    assert listing("plots") == {"plots/ppl.png"}
+    assert listing() == {"noise", "metrics", "methods.json"}  # only what this run made or used
+    assert listing("metrics") == {"metrics/replacement_plan.json", "metrics/plots"}
 
 
 def test_git_tags_in_a_checkout():
@@ -171,14 +209,14 @@ def test_log_run_to_local_sqlite(workdir):
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     params = Params(mlflow={"tracking_uri": uri}, noise={"prog_scale": 2.0, "drift_scale": 0.5, "t_inference_s": 25},
                     cim={"periphery": {"preset": "aihwkit-hwa"}})
-    run_id = log_run(params, EVAL)
+    run_id = log_run(params, EVAL, artifacts=ARTIFACTS)
     run = mlflow.MlflowClient(uri).get_run(run_id)
-    assert run.info.run_name == "builtin|data/chip/pcm_sample.csv|p2 r1 d0.5|aihwkit-hwa|t=25s"
+    assert run.info.run_name.startswith("evaluate noise.prog_scale=2 noise.drift_scale=0.5")
     assert run.data.params["noise.prog_scale"] == "2.0" and run.data.params["cim.periphery.preset"] == "aihwkit-hwa"
     assert "noise.strength" not in run.data.metrics  # eval.json's noise label is not a metric
-    assert run.data.metrics["ppl.romer.mean"] == 26.0
+    assert run.data.metrics["ppl_romer"] == 26.0
     assert run.data.tags["noise_source"] == "data/chip/pcm_sample.csv"
-    assert "noise_model.json" in {a.path for a in mlflow.MlflowClient(uri).list_artifacts(run_id)}
+    assert "noise/noise_model.json" in {a.path for a in mlflow.MlflowClient(uri).list_artifacts(run_id, "noise")}
 
 
 def write_run_dir(tmp, uri, experiment="romer-cli"):
@@ -193,7 +231,7 @@ def test_mlflow_log_command_logs_committed_metrics(server, workdir, capsys):
     out = capsys.readouterr().out
     run_id = out.split("logged run ")[1].split()[0]
     run = get(server, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]
-    assert {m["key"]: m["value"] for m in run["data"]["metrics"]}["ppl.noisy.mean"] == 42.0
+    assert {m["key"]: m["value"] for m in run["data"]["metrics"]}["ppl_noisy"] == 42.0
 
 
 def test_unreachable_server_warns_and_returns_none(capsys):

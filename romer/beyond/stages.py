@@ -3,6 +3,7 @@ the drift curve, and the one-page report."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from romer.core.errors import UserError
@@ -42,11 +43,12 @@ def run_sweep_point(params, scale):
     from romer.beyond.studies import sweep_point
     from romer.reporting.tracking import log_run
 
+    t0 = time.time()
     exp, eval_w, calib_w, clean, clean_rec = _setup(params)
     out = sweep_point(exp, calib_w, eval_w, clean, clean_rec, scale)
     out.update(dataset=params.eval.dataset, noise=noise_label(params, scale))
     write_json(scale_file(scale), out)
-    log_run(with_strength(params, scale), out, run_name=f"sweep x{scale:g}")
+    log_run(with_strength(params, scale), out, kind=f"sweep x{scale:g}", artifacts=[scale_file(scale)], started_at=t0)
     print(f"sweep x{scale:g}: noisy {out['ppl']['noisy']['mean']:.2f}, romer {out['ppl']['romer']['mean']:.2f} "
           f"({out['ppl_reduction_pct']:+.1f}%)")
     return out
@@ -114,7 +116,7 @@ def run_report(params):
 
     path = write_report()
     ev = read_json("metrics/eval.json")
-    log_run(params, ev, run_name="report", extra_artifacts=[path])
+    log_run(params, ev, kind="report", artifacts=[path])
     return path
 
 
@@ -129,6 +131,7 @@ def run_family_eval(params, name):
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir} is missing: run the family_model stage for {name} (dvc repro beyond/dvc.yaml)")
     params.family_builtin(name)  # the family must still be in params
+    t0 = time.time()
     p = params.model_copy(update={"model": params.model.model_copy(update={"source": str(model_dir)})})
     exp, eval_w, calib_w, clean, clean_rec = _setup(p, model_dir=model_dir)
     out = sweep_point(exp, calib_w, eval_w, clean, clean_rec, 1.0)
@@ -139,7 +142,7 @@ def run_family_eval(params, name):
                training={k: train[k] for k in ("val_ppl", "test_ppl", "params", "active_params")},
                training_load_cv=train["summary"]["mean_cv"])
     write_json(FAMILY_DIR / f"{name}.json", out)
-    log_run(p, out, run_name=f"family {name}")
+    log_run(p, out, kind=f"family {name}", artifacts=[FAMILY_DIR / f"{name}.json"], started_at=t0)
     print(f"family {name}: clean {clean:.2f}, noisy {out['ppl']['noisy']['mean']:.2f}, "
           f"romer {out['ppl']['romer']['mean']:.2f} ({out['ppl_reduction_pct']:+.1f}%)")
     return out

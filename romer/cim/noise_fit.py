@@ -568,7 +568,7 @@ def plot_fit(fit_json: dict, png_path):
     has_drift = fit_json.get("drift_nu") is not None
     has_read = fit_json.get("read_noise") is not None
     n = 1 + has_drift + has_read
-    fig = Figure(figsize=(5.2 * n, 4.0))
+    fig = Figure(figsize=(3.7 * n, 3.2))  # <= 1110 px wide at 100 dpi (3 panels)
     FigureCanvasAgg(fig)
     axes = [fig.add_subplot(1, n, i + 1) for i in range(n)]
     ax = axes[0]
@@ -621,7 +621,7 @@ def plot_fit(fit_json: dict, png_path):
         ax.legend(fontsize=7)
     fig.suptitle(f"noise model: {fit_json.get('source') or fit_json.get('name')}"[:110], fontsize=9)
     fig.tight_layout()
-    fig.savefig(str(png_path), format="png", dpi=110)
+    fig.savefig(str(png_path), format="png", dpi=100, bbox_inches="tight")
 
 
 def fit_noise_cli(csv_list, output, degree: int = 2, plot=None):

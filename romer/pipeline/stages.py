@@ -18,6 +18,7 @@ from romer.core.staleness import check_made_with, made_with, read_input
 from romer.evaluation.measure import mean_ci, paired_reduction, perplexity, routing_report
 from romer.methods.replacement import make_plan, pairs_by_layer
 from romer.moe.routing import Recorder
+from romer.reporting.summary import SUMMARY_JSON, headline
 
 
 def _record_routing(exp, windows, plan=None):
@@ -329,9 +330,14 @@ def run_evaluate(params, exp=None, log_mlflow=True) -> dict:
     wall = time.time() - t0
     print(f"evaluate: {len(e.seeds)} seeds x {len(names)} methods in {wall:.0f} s")
     write_json(EVAL_JSON, out)
+    write_json(SUMMARY_JSON, headline(out))
     plot_eval(out, PLOTS)
     if log_mlflow:
         from romer.reporting.tracking import log_run
 
-        log_run(params, out, extra_metrics={"wall_time_s": wall})
+        made = [EVAL_JSON, SUMMARY_JSON] + [f"{PLOTS}/eval_{n}.{ext}" for n in ("ppl", "cv_per_layer")
+                                            for ext in ("png", "csv")]
+        used = [NOISE_MODEL, PLAN_JSON, PROFILE_JSON, "metrics/noise_fit.json", f"{PLOTS}/profile_load.png",
+                f"{PLOTS}/profile_heatmap.png", f"{PLOTS}/noise_fit.png"]
+        log_run(params, out, extra_metrics={"wall_time_s": wall}, artifacts=made + used, started_at=t0)
     return out

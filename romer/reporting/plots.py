@@ -9,8 +9,31 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from romer.core.io import atomic_path  # noqa: E402
+
+# One colour per method in every plot (the same in eval_ppl, eval_cv_per_layer, sweep and drift).
+METHOD_COLORS = {
+    "clean": "#2ca02c", "noisy": "#7f7f7f", "romer": "#ff7f0e", "romer_expected": "#ffbb78",
+    "calibrate_only": "#1f77b4", "calibrate_only_expected": "#aec7e8", "replace_only": "#9467bd",
+    "hetero_digital": "#8c564b", "hetero_digital_romer": "#e377c2", "hetero_digital_12p5pct": "#bcbd22",
+    "hetero_digital_25pct": "#17becf",
+}
+_EXTRA = ["#d62728", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5", "#c5b0d5"]
+plt.rcParams.update({"axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
+                     "grid.alpha": 0.3, "font.size": 9, "legend.frameon": False})
+
+
+def method_color(method: str) -> str:
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    return _EXTRA[sum(map(ord, method)) % len(_EXTRA)]  # stable across runs (no hash randomisation)
+
+
+def method_label(method: str) -> str:
+    return {"romer": "ROMER", "romer_expected": "ROMER (expected plan)"}.get(method, method.replace("_", " "))
 
 
 def _save(fig, path):
@@ -28,7 +51,8 @@ def _csv(path, header, rows):
 
 
 def plot_profile(profile: dict, out_dir):
-    """Clean against noisy expert load, one panel per MoE layer."""
+    """Clean against noisy expert load, one panel per MoE layer, and a layer x expert heat map of the
+    routing damage (noisy load / clean load)."""
     out_dir = Path(out_dir)
     layers = list(profile["clean"]["layers"])
     E = profile["num_experts"]
@@ -39,27 +63,54 @@ def plot_profile(profile: dict, out_dir):
         rows += [[int(layer) * E + e, int(layer), e, round(c[e], 6), round(n[e], 6)] for e in range(E)]
     # slot = layer x E + expert: an x that does not repeat across layers (dvc plots draws one line)
     _csv(out_dir / "profile_load.csv", ["slot", "layer", "expert", "clean", "noisy"], rows)
-    cols = min(4, len(layers))
+    cols = min(2, len(layers))
     nrows = (len(layers) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 2.3 * nrows + 0.6), squeeze=False,
+                             constrained_layout=True)
     for ax, layer in zip(axes.flat, layers):
-        c = profile["clean"]["layers"][layer]["load"]
-        n = profile["noisy_load"][layer]
-        x = range(E)
-        ax.bar([i - 0.2 for i in x], c, width=0.4, label="clean")
-        ax.bar([i + 0.2 for i in x], n, width=0.4, label="noisy")
-        ax.axhline(profile["tau"] / E, color="k", lw=0.8, ls="--")
-        ax.set_title(f"layer {layer}", fontsize=9)
-        ax.tick_params(labelsize=7)
+        c = np.asarray(profile["clean"]["layers"][layer]["load"])
+        n = np.asarray(profile["noisy_load"][layer])
+        x = np.arange(E)
+        ax.bar(x - 0.2, c, width=0.4, label="clean", color=method_color("clean"))
+        ax.bar(x + 0.2, n, width=0.4, label="noisy", color=method_color("noisy"))
+        ax.axhline(profile["tau"] / E, color="k", lw=0.8, ls="--", label="tau / E (underactivated below)")
+        ax.set_title(f"layer {layer}")
+        ax.set_xlim(-1, E)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("expert")
+        ax.set_ylabel("load")
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"expert load (fraction of top-{profile['top_k']} picks); dashed: tau/E", fontsize=10)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)  # off the data
+    fig.suptitle(f"expert load: fraction of top-{profile['top_k']} picks, clean vs noisy chip")
     _save(fig, out_dir / "profile_load.png")
+
+    clean = np.array([profile["clean"]["layers"][l]["load"] for l in layers]) * E  # 1 = uniform
+    noisy = np.array([profile["noisy_load"][l] for l in layers]) * E
+    ratio = np.log2(np.maximum(noisy, 1e-3) / np.maximum(clean, 1e-3))
+    fig, axes = plt.subplots(3, 1, figsize=(min(0.12 * E + 2.5, 11), 3 * (0.3 * len(layers) + 0.8)),
+                             constrained_layout=True)
+    vmax = max(clean.max(), noisy.max())
+    for ax, data, title in ((axes[0], clean, "clean load x E (1 = uniform)"),
+                            (axes[1], noisy, "noisy load x E")):
+        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax, fraction=0.03)
+    lim = max(1.0, float(np.abs(ratio).max()))
+    im = axes[2].imshow(ratio, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    axes[2].set_title("routing damage: log2(noisy / clean load); blue: the chip starves the expert")
+    fig.colorbar(im, ax=axes[2], fraction=0.03)
+    for ax in axes:
+        ax.set_yticks(range(len(layers)), [f"layer {l}" for l in layers])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("expert")
+        ax.grid(False)
+    _save(fig, out_dir / "profile_heatmap.png")
 
 
 def plot_eval(ev: dict, out_dir):
-    """PPL per method with 95% CI bars, and load CV per layer per method."""
+    """PPL per method with 95% CI bars (ROMER and the best method marked), and load CV per layer."""
     out_dir = Path(out_dir)
     names = [k for k in ev["ppl"] if k != "clean"]
     means = [ev["ppl"][k]["mean"] for k in names]
@@ -69,24 +120,46 @@ def plot_eval(ev: dict, out_dir):
          [["clean", round(ev["ppl"]["clean"], 4), "", ""]]
          + [[k, round(ev["ppl"][k]["mean"], 4), round(ev["ppl"][k]["ci95"][0], 4), round(ev["ppl"][k]["ci95"][1], 4)]
             for k in names])
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.2))
-    ax.bar(names, means, yerr=[lo, hi], capsize=4, color="tab:orange")
-    ax.axhline(ev["ppl"]["clean"], color="tab:green", ls="--", label=f"clean {ev['ppl']['clean']:.1f}")
-    ax.set_ylabel("perplexity")
-    ax.set_title(f"{ev['dataset']}, {len(ev['seeds'])} noise seeds, 95% CI", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    noisy = ev["ppl"]["noisy"]["mean"] if "noisy" in ev["ppl"] else None
+    repaired = [k for k in names if k != "noisy"]
+    best = min(repaired, key=lambda k: ev["ppl"][k]["mean"]) if repaired else None
+    fig, ax = plt.subplots(figsize=(7.2, 0.42 * len(names) + 1.4), constrained_layout=True)
+    y = np.arange(len(names))[::-1]  # first method on top
+    ax.barh(y, means, xerr=[lo, hi], capsize=3, color=[method_color(k) for k in names],
+            edgecolor=["black" if k in ("romer", best) else "none" for k in names], linewidth=1.2)
+    ax.axvline(ev["ppl"]["clean"], color=method_color("clean"), ls="--", label=f"clean {ev['ppl']['clean']:.2f}")
+    for yi, k, m, h in zip(y, names, means, hi):
+        tag = f"{m:.2f}"
+        if noisy is not None and k != "noisy":
+            tag += f"  ({100 * (noisy - m) / noisy:+.1f}% vs noisy)"
+        if k == best:
+            tag += "  best"
+        ax.text(m + h, yi, "  " + tag, va="center", fontsize=7)
+    ax.set_yticks(y, [method_label(k) for k in names])
+    for t, k in zip(ax.get_yticklabels(), names):
+        if k == "romer":
+            t.set_fontweight("bold")
+    lo_x = min(ev["ppl"]["clean"], min(m - l for m, l in zip(means, lo)))
+    hi_x = max(m + h for m, h in zip(means, hi))
+    ax.set_xlim(lo_x * 0.95, hi_x + (hi_x - lo_x * 0.95) * 0.45)  # room for the labels
+    ax.set_xlabel("perplexity (lower is better); reduction positive = better than noisy")
+    ax.set_title(f"{ev['dataset']}, {len(ev['seeds'])} noise seeds, 95% CI")
+    ax.grid(axis="y", visible=False)
+    ax.legend(loc="lower right", fontsize=7)
     _save(fig, out_dir / "eval_ppl.png")
 
     cv = ev["cv_per_layer"]
     layers = list(cv["clean"])
     _csv(out_dir / "eval_cv_per_layer.csv", ["layer"] + list(cv), [[l] + [round(cv[m][l], 5) for m in cv] for l in layers])
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for m in cv:
-        ax.plot([int(l) for l in layers], [cv[m][l] for l in layers], marker="o", label=m)
+    fig, ax = plt.subplots(figsize=(7.5, 3.4), constrained_layout=True)
+    styles = ["-", "--", ":", "-."]
+    for i, m in enumerate(cv):
+        ax.plot([int(l) for l in layers], [cv[m][l] for l in layers], marker="o", ms=4, color=method_color(m),
+                ls=styles[i // 6 % len(styles)], lw=2.2 if m == "romer" else 1.3, label=method_label(m))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("MoE layer")
-    ax.set_ylabel("CV of expert load")
-    ax.legend(fontsize=7)
+    ax.set_ylabel("CV of expert load (lower: more balanced)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     _save(fig, out_dir / "eval_cv_per_layer.png")
 
 
@@ -100,14 +173,14 @@ def plot_sweep(sw: dict, out_dir):
     for key, label in (("noisy", "noisy"), ("romer", "ROMER")):
         lo = [sw[key][i] - sw[f"{key}_ci95"][i][0] for i in range(len(sw["scale"]))]
         hi = [sw[f"{key}_ci95"][i][1] - sw[key][i] for i in range(len(sw["scale"]))]
-        a1.errorbar(sw["scale"], sw[key], yerr=[lo, hi], marker="o", capsize=3, label=label)
-    a1.axhline(sw["clean"], color="tab:green", ls="--", label="clean")
+        a1.errorbar(sw["scale"], sw[key], yerr=[lo, hi], marker="o", capsize=3, label=label, color=method_color(key))
+    a1.axhline(sw["clean"], color=method_color("clean"), ls="--", label="clean")
     a1.set_xlabel("noise strength (x prog and read scales)")
     a1.set_ylabel("perplexity")
     a1.set_yscale("log")
     a1.legend(fontsize=8)
-    a2.plot(sw["scale"], sw["cv_noisy"], marker="o", label="noisy")
-    a2.plot(sw["scale"], sw["cv_romer"], marker="o", label="ROMER")
+    a2.plot(sw["scale"], sw["cv_noisy"], marker="o", label="noisy", color=method_color("noisy"))
+    a2.plot(sw["scale"], sw["cv_romer"], marker="o", label="ROMER", color=method_color("romer"))
     a2.set_xlabel("noise strength (x prog and read scales)")
     a2.set_ylabel("CV of expert load (layer mean)")
     a2.legend(fontsize=8)
@@ -122,10 +195,12 @@ def plot_drift(dr: dict, out_dir):
          [[t, round(a, 4), round(b, 4), round(c, 4)]
           for t, a, b, c in zip(dr["t_s"], dr["noisy"], dr["romer"], dr["romer_recalibrated"])])
     fig, ax = plt.subplots(figsize=(5, 3.3))
-    ax.plot(dr["t_s"], dr["noisy"], marker="o", label="noisy")
-    ax.plot(dr["t_s"], dr["romer"], marker="o", label=f"ROMER, calibrated at t0 = {dr['t0_s']:g} s")
-    ax.plot(dr["t_s"], dr["romer_recalibrated"], marker="o", label="ROMER, re-calibrated at t")
-    ax.axhline(dr["clean"], color="tab:green", ls="--", label="clean")
+    ax.plot(dr["t_s"], dr["noisy"], marker="o", label="noisy", color=method_color("noisy"))
+    ax.plot(dr["t_s"], dr["romer"], marker="o", label=f"ROMER, calibrated at t0 = {dr['t0_s']:g} s",
+            color=method_color("romer"))
+    ax.plot(dr["t_s"], dr["romer_recalibrated"], marker="s", ls="--", label="ROMER, re-calibrated at t",
+            color=method_color("romer_expected"))
+    ax.axhline(dr["clean"], color=method_color("clean"), ls="--", label="clean")
     ax.set_xscale("log")
     ax.set_xlabel("time since programming (s)")
     ax.set_ylabel("perplexity")

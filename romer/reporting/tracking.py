@@ -1,9 +1,14 @@
-"""MLflow logging of an evaluation run.
+"""MLflow logging of an evaluation run: one parent run, one child run per method.
 
-One run per `evaluate`: the flattened params.yaml as params, eval.json flattened with dots as metrics
-(`ppl.romer.mean`), the noise model, plots and replacement plan as artifacts, and tags: model, noise
-source, dataset, eval.json's provenance (sha256 of the model and of the noise model), library versions
-as `version.<lib>`, numerical modes as `numerics.<key>`, and the checkout's git commit and git_dirty.
+The parent carries the flattened params.yaml as params, the headline (romer.reporting.summary) as
+metrics, the methods table (`methods.json`, mlflow.log_table), the evaluation text and chip CSVs as
+inputs with their hashes, the artifacts this run made, and tags: model, noise source, dataset,
+eval.json's provenance (sha256 of the model and of the noise model), library versions as
+`version.<lib>`, numerical modes as `numerics.<key>`, the git commit and git_dirty, and the DVC
+experiment. Each child has a `method` tag and the same metric keys (summary.METHOD_KEYS and the
+task accuracies), with per-seed PPL and per-layer load CV as steps, so MLflow's chart view and
+Compare line the methods up. The parent spans the stage's work (its start time is the stage's).
+
 If MLflow cannot be reached the stage still succeeds (its DVC metrics are written first); it warns
 once and `romer mlflow-log` logs the committed metrics later.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,35 +27,7 @@ from romer.core.errors import UserError
 from romer.core.params import flatten, load_params
 from romer.core.provenance import git_commit, git_dirty, provenance, versions  # noqa: F401 (re-exported)
 
-ARTIFACTS = ["noise/noise_model.json", "metrics/replacement_plan.json", "metrics/noise_fit.json",
-             "metrics/profile.json", "metrics/plots", "metrics/report.md"]
-
-
-def metrics_from_eval(ev: dict) -> dict:
-    """Numeric leaves of eval.json, flattened with dots; [lo, hi] pairs become .lo/.hi, per-seed
-    lists become .seed<N>."""
-    out = {}
-
-    def walk(prefix, v):
-        if isinstance(v, bool):
-            return
-        if isinstance(v, (int, float)):
-            out[prefix] = float(v)
-        elif isinstance(v, dict):
-            for k, x in v.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), x)
-        elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
-            if prefix.endswith("ci95") and len(v) == 2:
-                walk(prefix + ".lo", v[0])
-                walk(prefix + ".hi", v[1])
-            elif prefix.endswith("per_seed"):
-                for s, x in zip(ev.get("seeds", range(len(v))), v):
-                    walk(f"{prefix}.seed{s}", x)
-
-    for key in ("ppl", "ppl_reduction_pct", "ppl_reduction_ci95", "load_balance", "tasks", "tokens"):
-        if key in ev:
-            walk(key, ev[key])
-    return out
+MAX_RUN_NAME = 250
 
 
 def provenance_tags(ev: dict) -> dict:
@@ -106,14 +84,104 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, old)
 
 
-def log_run(params, ev: dict, extra_metrics=None, strict=False, run_name=None, extra_artifacts=()) -> str | None:
-    """Log one run; returns its id. With strict=False a failure warns once and returns None."""
+def params_diff(params) -> dict:
+    """Flattened params that differ from the defaults (params.yaml's values), mlflow.* left out."""
+    from romer.core.params import Params
+
+    ref = flatten(Params().model_dump(mode="json"))
+    return {k: v for k, v in flatten(params.model_dump(mode="json")).items()
+            if not k.startswith("mlflow.") and ref.get(k, object()) != v}
+
+
+def _fmt(v) -> str:
+    return "null" if v is None else (f"{v:g}" if isinstance(v, float) else str(v)).replace(" ", "")
+
+
+def default_run_name(params, kind="evaluate") -> str:
+    """`<dvc exp>: <kind> <params that differ from the defaults>`: what sets this run apart, readable in
+    the runs table (a run of the committed defaults is `evaluate defaults`)."""
+    diff = params_diff(params)
+    what = " ".join(f"{k}={_fmt(v)}" for k, v in diff.items()) or "defaults"
+    exp = os.environ.get("DVC_EXP_NAME")
+    name = f"{exp}: {kind} {what}" if exp else f"{kind} {what}"
+    return name if len(name) <= MAX_RUN_NAME else name[:MAX_RUN_NAME - 3] + "..."
+
+
+def run_inputs(params) -> list[tuple[str, Path, str]]:
+    """(name, path, context) of the files a run read: the evaluation text and the chip CSVs."""
+    from romer.cim.chip_data import expand_paths
+
+    out = []
+    ds = params.eval.dataset
+    if ds.startswith("builtin-"):
+        out.append((f"builtin corpus ({ds})", Path(params.builtin.corpus_dir), "evaluation"))
+    elif Path(ds).is_file():
+        out.append((Path(ds).name, Path(ds), "evaluation"))
+    try:
+        out += [(Path(f).name, Path(f), "noise_fit") for f in expand_paths(params.noise.source)]
+    except UserError:
+        pass  # a preset, not files
+    return [x for x in out if x[1].exists()]
+
+
+def _log_inputs(mlflow, inputs):
+    import pandas as pd
+
+    from romer.core.provenance import hash_dir, hash_file
+
+    for name, path, context in inputs:
+        sha = hash_dir(path) if path.is_dir() else hash_file(path)
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+        from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
+
+        # One row that says which file and which version: the run's Datasets column, with its hash.
+        ds = mlflow.data.from_pandas(pd.DataFrame({"path": [str(path)], "bytes": [str(size)], "sha256": [sha]}),
+                                     source=LocalArtifactDatasetSource(str(path.resolve())), name=name,
+                                     digest=sha[:16])
+        mlflow.log_input(ds, context=context)
+
+
+def _log_children(mlflow, parent_name, ev):
+    from mlflow.entities import Metric
+
+    from romer.reporting.summary import METHOD_KEYS, method_rows
+
+    client = mlflow.MlflowClient()
+    rows = method_rows(ev)
+    for r in rows:
+        with mlflow.start_run(run_name=f"{r['method']} | {parent_name}"[:MAX_RUN_NAME], nested=True,
+                              tags={"method": r["method"]}) as child:
+            mlflow.log_metrics({k: v for k, v in r.items() if (k in METHOD_KEYS or k.startswith("task."))
+                                and v is not None})
+            now = int(time.time() * 1000)
+            steps = [Metric("ppl_per_seed", float(v), now, int(seed)) for seed, v in r["per_seed"]]
+            steps += [Metric("load_cv_per_layer", v, now, layer) for layer, v in r["per_layer"]]
+            if steps:
+                client.log_batch(child.info.run_id, metrics=steps)
+    table = {k: [r.get(k) for r in rows] for k in ("method",) + METHOD_KEYS}
+    mlflow.log_table(table, artifact_file="methods.json")
+
+
+def _end_all(mlflow, status):
+    while mlflow.active_run() is not None:
+        mlflow.end_run(status=status)
+
+
+def log_run(params, ev: dict, extra_metrics=None, strict=False, run_name=None, artifacts=(), started_at=None,
+            inputs=None, kind="evaluate") -> str | None:
+    """Log one parent run with a child per method; returns the parent's id. With strict=False a failure
+    warns once and returns None.
+
+    artifacts: the files this run made or used (nothing else is logged); started_at: time.time() at the
+    start of the stage's work; inputs: (name, path, context) of the data it read (default: run_inputs).
+    """
     cfg = params.mlflow
     if not cfg.enabled:
         return None
     # The stage's outputs (eval.json, plots) go into place first: they are logged as artifacts, and an
     # interrupted or failed logging must not lose them.
     from romer.core.io import commit_outputs
+    from romer.reporting.summary import headline
 
     commit_outputs()
     try:
@@ -123,32 +191,39 @@ def log_run(params, ev: dict, extra_metrics=None, strict=False, run_name=None, e
         import mlflow
 
         mlflow.set_tracking_uri(cfg.tracking_uri)
-        mlflow.set_experiment(cfg.experiment)
-        n = params.noise
-        name = run_name or (f"{params.model.source}|{n.source}|p{n.prog_scale:g} r{n.read_scale:g} d{n.drift_scale:g}"
-                            f"|{params.cim.periphery.preset}|t={n.t_inference_s:g}s")
-        run = mlflow.start_run(run_name=name)
+        exp = mlflow.set_experiment(cfg.experiment)
+        name = run_name or default_run_name(params, kind)
+        diff = params_diff(params)
+        tags = provenance_tags(ev) | {
+            "model": params.model.source, "noise_source": params.noise.source, "dataset": ev.get("dataset", ""),
+            "kind": kind, "dvc_experiment": os.environ.get("DVC_EXP_NAME", "none"),
+            "mlflow.note.content": (f"{kind} of {params.model.source} under {params.noise.source} noise, "
+                                    f"{len(ev.get('seeds') or [])} noise seeds, on {ev.get('dataset', '?')}. "
+                                    f"Params that differ from params.yaml's defaults: "
+                                    + (", ".join(f"{k}={_fmt(v)}" for k, v in diff.items()) or "none") + ".")}
+        start = int((started_at or time.time()) * 1000)
+        run = mlflow.MlflowClient().create_run(exp.experiment_id, start_time=start, tags=tags, run_name=name)
+        mlflow.start_run(run_id=run.info.run_id)
         try:
             with _sigterm_raises():
                 flat = {k: ("null" if v is None else v) for k, v in flatten(params.model_dump(mode="json")).items()}
                 mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
-                metrics = metrics_from_eval(ev)
+                metrics = {k: float(v) for k, v in headline(ev).items() if isinstance(v, (int, float))
+                           and not isinstance(v, bool)}
                 metrics.update(extra_metrics or {})
                 mlflow.log_metrics(metrics)
-                mlflow.set_tags(provenance_tags(ev) | {"model": params.model.source, "noise_source": params.noise.source,
-                                                       "dataset": ev.get("dataset", "")})
-                for a in list(ARTIFACTS) + list(extra_artifacts):
+                _log_inputs(mlflow, run_inputs(params) if inputs is None else inputs)
+                _log_children(mlflow, name, ev)
+                for a in artifacts:
                     p = Path(a)
-                    if p.is_dir():
-                        mlflow.log_artifacts(str(p), artifact_path=p.name)
-                    elif p.is_file():
-                        mlflow.log_artifact(str(p))
+                    if p.is_file():
+                        mlflow.log_artifact(str(p), artifact_path=str(p.parent) if str(p.parent) != "." else None)
         except (KeyboardInterrupt, Terminated):
-            mlflow.end_run(status="KILLED")  # Ctrl-C or SIGTERM: the run says so, not RUNNING forever
+            _end_all(mlflow, "KILLED")  # Ctrl-C or SIGTERM: the run says so, not RUNNING forever
             print(f"MLflow run {run.info.run_id} ended as KILLED (interrupted)", file=sys.stderr)
             raise SystemExit(143 if isinstance(sys.exc_info()[1], Terminated) else 130) from None
         except BaseException:
-            mlflow.end_run(status="FAILED")
+            _end_all(mlflow, "FAILED")
             raise
         mlflow.end_run()
         return run.info.run_id
@@ -186,6 +261,7 @@ def log_committed_metrics(params_path="params.yaml", eval_json="metrics/eval.jso
         raise UserError(f"{eval_json}: not valid JSON ({e})") from None
     if not isinstance(ev, dict) or "ppl" not in ev:
         raise UserError(f"{eval_json}: not an eval.json (expected the `ppl` of the evaluate stage)")
-    run_id = log_run(params, ev, strict=True, run_name=run_name)
+    arts = [p, p.parent / "summary.json"] if p.parent.name == "metrics" else [p]
+    run_id = log_run(params, ev, strict=True, run_name=run_name, artifacts=arts)
     print(f"logged run {run_id} to {params.mlflow.tracking_uri} (experiment '{params.mlflow.experiment}')")
     return run_id
