@@ -93,6 +93,18 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
               "plots/profile_load.png", "plots/profile_heatmap.png", "plots/noise_fit.png", "summary.json"):
         assert (tmp_path / "metrics" / f).is_file(), f
     assert stale(tmp_path) == []
+    summary = json.loads((tmp_path / "metrics/summary.json").read_text())
+    assert summary["ppl_romer"] == round(ev["ppl"]["romer"]["mean"], 4) and summary["seeds"] == 2
+
+    # The DVC plots render: no errors, the methods as bars, both load columns over a non-repeating x.
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], tmp_path).stdout)
+    assert not shown.get("errors"), shown.get("errors")
+    specs = {k: v[0]["content"] for k, v in shown["data"].items() if v and v[0].get("type") == "vega"}
+    assert "bar" in json.dumps(specs["metrics/plots/eval_ppl.csv"]["spec"] if "spec" in
+                               specs["metrics/plots/eval_ppl.csv"] else specs["metrics/plots/eval_ppl.csv"])
+    slot = specs["load_per_expert_slot"]
+    assert {"clean", "noisy"} <= {d.get("dvc_inferred_y_value") or d.get("field") for d in
+                                  _values(slot)} or {"clean", "noisy"} <= set(json.dumps(slot).split('"'))
 
     # Incremental reruns: a percentile change touches percentiles + evaluate; eval seeds only evaluate.
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "ran"], tmp_path, check=False)
