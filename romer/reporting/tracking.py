@@ -126,14 +126,16 @@ def run_inputs(params) -> list[tuple[str, Path, str]]:
 
 def _log_inputs(mlflow, inputs):
     import pandas as pd
+    from mlflow.data.dataset_source_registry import get_registered_sources
 
     from romer.core.provenance import hash_dir, hash_file
+
+    # MLflow registers its local-file source twice and then warns on every resolve: name it directly.
+    LocalArtifactDatasetSource = next(c for c in get_registered_sources() if c.__name__ == "LocalArtifactDatasetSource")
 
     for name, path, context in inputs:
         sha = hash_dir(path) if path.is_dir() else hash_file(path)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
-        from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
-
         # One row that says which file and which version: the run's Datasets column, with its hash.
         ds = mlflow.data.from_pandas(pd.DataFrame({"path": [str(path)], "bytes": [str(size)], "sha256": [sha]}),
                                      source=LocalArtifactDatasetSource(str(path.resolve())), name=name,
