@@ -78,9 +78,11 @@ def main():
             sys.exit(f"error: no evaluate run in experiment {a.experiment!r}: run `dvc repro` first")
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
-        shoot(browser, f"{url}/#/experiments/{eid}/runs?compareRunsMode=TABLE", out / "mlflow_runs.png")
-        shoot(browser, f"{url}/#/experiments/{eid}/runs?compareRunsMode=CHART", out / "mlflow_chart.png",
-              size="1600,1100")
+        # The method children of the latest evaluate: one row (and one bar per chart) per method.
+        children = urllib.parse.quote(f"tags.mlflow.parentRunId = '{parents[0]['info']['run_id']}'")
+        base = f"{url}/#/experiments/{eid}/runs?searchFilter={children}&orderByKey=metrics.%60ppl_mean%60&orderByAsc=true"
+        shoot(browser, base + "&compareRunsMode=TABLE", out / "mlflow_runs.png")
+        shoot(browser, base + "&compareRunsMode=CHART", out / "mlflow_chart.png", size="1600,1100", wait_ms=60000)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
