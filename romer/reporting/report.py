@@ -30,11 +30,12 @@ def _fmt_ci(s):
 
 
 def eval_table(ev: dict) -> str:
-    """Method table: PPL mean and 95% CI, change against noisy, load CV, routing agreement."""
+    """Method table: PPL mean and 95% CI, PPL reduction against noisy (positive = better, as
+    ppl_reduction_pct and MLflow's reduction_pct), load CV, routing agreement."""
     lb = ev["load_balance"]
     noisy = ev["ppl"]["noisy"]["mean"]
     lines = [
-        "| method | PPL (mean [95% CI]) | vs noisy | load CV | MaxVio | routing agreement |",
+        "| method | PPL (mean [95% CI]) | PPL reduction vs noisy | load CV | MaxVio | routing agreement |",
         "|---|---|---|---|---|---|",
         f"| clean | {ev['ppl']['clean']:.2f} | | {lb['clean']['cv']:.3f} | {lb['clean']['maxvio']:.3f} | 1.000 |",
     ]
@@ -42,7 +43,7 @@ def eval_table(ev: dict) -> str:
         if name == "clean":
             continue
         d = lb.get(name, {})
-        change = "" if name == "noisy" else f"{100 * (s['mean'] - noisy) / noisy:+.1f}%"
+        change = "" if name == "noisy" else f"{100 * (noisy - s['mean']) / noisy:+.1f}%"
         lines.append(
             f"| {LABELS.get(name, name.replace('_', ' '))} | {_fmt_ci(s)} | {change} | {d.get('cv', float('nan')):.3f} "
             f"| {d.get('maxvio', float('nan')):.3f} | {d.get('routing_agreement', float('nan')):.3f} |"
@@ -74,13 +75,13 @@ FAMILY_LABELS = {"olmoe": "OLMoE", "qwen2_moe": "Qwen2-MoE", "deepseek_moe": "De
 def architectures_table(ar: dict) -> str:
     """Across-families table from metrics/architectures.json."""
     lines = ["| family (builtin size) | router | shared experts | clean PPL | noisy PPL | ROMER PPL | "
-             "ROMER vs noisy [95% CI] | load CV clean / noisy / ROMER |",
+             "ROMER PPL reduction vs noisy [95% CI] | load CV clean / noisy / ROMER |",
              "|---|---|---|---|---|---|---|---|"]
     for fam, r in ar.items():
         lo, hi = r["reduction_ci95"]
         shape = f" ({r['num_experts']} experts, top-{r['top_k']})" if r.get("num_experts") else ""
         lines.append(f"| {FAMILY_LABELS.get(fam, fam)}{shape} | {r['router']} | {r['shared_experts']} | {r['clean']:.2f} | "
-                     f"{r['noisy']:.2f} | {r['romer']:.2f} | {-r['reduction_pct']:+.1f}% [{-hi:+.1f}, {-lo:+.1f}] | "
+                     f"{r['noisy']:.2f} | {r['romer']:.2f} | {r['reduction_pct']:+.1f}% [{lo:+.1f}, {hi:+.1f}] | "
                      f"{r['cv_clean']:.3f} / {r['cv_noisy']:.3f} / {r['cv_romer']:.3f} |")
     return "\n".join(lines)
 
