@@ -4,6 +4,7 @@ which stages a param change makes stale."""
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -93,6 +94,11 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
               "plots/profile_load.png", "plots/profile_heatmap.png", "plots/noise_fit.png", "summary.json"):
         assert (tmp_path / "metrics" / f).is_file(), f
     assert stale(tmp_path) == []
+    main_report = (tmp_path / "metrics/report.md").read_text()
+    assert "## Methods (test split)" in main_report and "](plots/profile_heatmap.png)" in main_report
+    assert "Noise-strength sweep" not in main_report  # the main page has only what the main pipeline made
+    for link in re.findall(r"\]\((plots/[^)]+)\)", main_report):
+        assert (tmp_path / "metrics" / link).is_file(), link
     summary = json.loads((tmp_path / "metrics/summary.json").read_text())
     assert summary["ppl_romer"] == round(ev["ppl"]["romer"]["mean"], 4) and summary["seeds"] == 2
 
@@ -201,6 +207,6 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
             assert 0 <= d["topk_changed_frac"] <= 1 and d["experts_row_crest_median"] >= 1 and d["margin_median"] >= 0
     for fam, row in arch.items():
         assert all(math.isfinite(row[k]) and row[k] > 1 for k in ("clean", "noisy", "romer")), (fam, row)
-    report = (tmp_path / "metrics/report.md").read_text()
+    report = (tmp_path / "metrics/report_beyond.md").read_text()
     assert "Across MoE families" in report and "What makes routing fragile" in report
     assert run(["dvc", "status", "beyond/dvc.yaml", "--json"], tmp_path).stdout.strip() in ("", "{}")

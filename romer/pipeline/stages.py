@@ -332,10 +332,15 @@ def run_evaluate(params, exp=None, log_mlflow=True) -> dict:
     write_json(EVAL_JSON, out)
     write_json(SUMMARY_JSON, headline(out))
     plot_eval(out, PLOTS)
+    from romer.core.io import commit_outputs
+    from romer.reporting.report import REPORT_MD, write_report
+
+    commit_outputs()  # the report reads eval.json, noise_fit.json and profile.json back from metrics/
+    write_report(REPORT_MD, beyond=False)
     if log_mlflow:
         from romer.reporting.tracking import log_run
 
-        made = [EVAL_JSON, SUMMARY_JSON] + [f"{PLOTS}/eval_{n}.{ext}" for n in ("ppl", "cv_per_layer")
+        made = [EVAL_JSON, SUMMARY_JSON, REPORT_MD] + [f"{PLOTS}/eval_{n}.{ext}" for n in ("ppl", "cv_per_layer")
                                             for ext in ("png", "csv")]
         used = [NOISE_MODEL, PLAN_JSON, PROFILE_JSON, "metrics/noise_fit.json", f"{PLOTS}/profile_load.png",
                 f"{PLOTS}/profile_heatmap.png", f"{PLOTS}/noise_fit.png"]
