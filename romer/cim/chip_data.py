@@ -183,7 +183,6 @@ class _Columns:
         self.path = path
         self.code_base = {"device_id": codes.get("n_devices", 0)}
         self.codes = {"device_id": {}, "read_id": codes.setdefault("read_id", {})}
-        self.shared = codes
         self.cols = None  # {name: index in the row}
         self.parts = {}  # {name: [arrays]}
         self.buf, self.buf_lines, self.n_rows = [], [], 0
@@ -339,7 +338,10 @@ def load_measurements(paths_or_globs, min_devices: int = MIN_DEVICES_PER_LEVEL) 
                 f"{list(ref) or 'none'}; combined CSVs must have the same columns")
 
     def cat(name):
-        return np.concatenate([p[name] for p in parts]) if name in ref or name in REQUIRED + ("line",) else None
+        if name not in ref and name not in REQUIRED + ("line",):
+            return None
+        # one file (the usual case): its arrays as they are; a copy would double the memory of a big CSV
+        return parts[0][name] if len(parts) == 1 else np.concatenate([p[name] for p in parts])
 
     m = Measurements(files=files, g_target=cat("g_target_uS"), g_measured=cat("g_measured_uS"),
                      t_s=cat("t_s"), device=cat("device_id"), read_id=cat("read_id"),
