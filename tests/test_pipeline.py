@@ -117,6 +117,12 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
     assert {r["field"] for r in specs["load_cv_per_layer"]["data"]["values"]} >= {"clean", "noisy", "romer"}
     assert "metrics/plots/profile_load.csv" not in specs  # drawn only by the top-level plot
 
+    # Plain `dvc metrics show` is the headline only (one readable row); a detail file reads when named.
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], tmp_path).stdout)[""]["data"]
+    assert list(metrics) == ["metrics/summary.json"]
+    detail = json.loads(run(["dvc", "metrics", "show", "--json", "metrics/eval.json"], tmp_path).stdout)
+    assert detail[""]["data"]["metrics/eval.json"]["data"]["tokens"] == ev["tokens"]
+
     # Incremental reruns: a percentile change touches percentiles + evaluate; eval seeds only evaluate.
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "ran"], tmp_path, check=False)
     set_params(tmp_path, {"calibrate": {"percentiles": [10, 90]}})

@@ -35,7 +35,9 @@ def test_every_known_method_has_its_own_colour():
 
 
 def test_eval_and_profile_plots(tmp_path):
-    plot_eval(fake_eval(), tmp_path)
+    made = plot_eval(fake_eval(), tmp_path)  # what evaluate logs to MLflow as its own artifacts
+    assert sorted(p.name for p in made) == ["eval_cv_per_layer.csv", "eval_cv_per_layer.png", "eval_ppl.csv",
+                                            "eval_ppl.png"]
     plot_profile(fake_profile(), tmp_path)
     for name, max_w in (("eval_ppl", 1200), ("eval_cv_per_layer", 1200), ("profile_load", 1400),
                         ("profile_heatmap", 1300)):

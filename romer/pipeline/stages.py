@@ -331,7 +331,7 @@ def run_evaluate(params, exp=None, log_mlflow=True) -> dict:
     print(f"evaluate: {len(e.seeds)} seeds x {len(names)} methods in {wall:.0f} s")
     write_json(EVAL_JSON, out)
     write_json(SUMMARY_JSON, headline(out))
-    plot_eval(out, PLOTS)
+    made = [EVAL_JSON, SUMMARY_JSON, *plot_eval(out, PLOTS)]
     from romer.core.io import commit_outputs
     from romer.reporting.report import REPORT_MD, write_report
 
@@ -340,8 +340,7 @@ def run_evaluate(params, exp=None, log_mlflow=True) -> dict:
     if log_mlflow:
         from romer.reporting.tracking import log_run
 
-        made = [EVAL_JSON, SUMMARY_JSON, REPORT_MD] + [f"{PLOTS}/eval_{n}.{ext}" for n in ("ppl", "cv_per_layer")
-                                            for ext in ("png", "csv")]
+        made.append(REPORT_MD)
         used = [NOISE_MODEL, PLAN_JSON, PROFILE_JSON, "metrics/noise_fit.json", f"{PLOTS}/profile_load.png",
                 f"{PLOTS}/profile_heatmap.png", f"{PLOTS}/noise_fit.png"]
         log_run(params, out, extra_metrics={"wall_time_s": wall}, artifacts=made + used, started_at=t0)

@@ -40,6 +40,7 @@ def _save(fig, path):
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png", metadata={"Software": None})
     plt.close(fig)
+    return path
 
 
 def _csv(path, header, rows):
@@ -48,6 +49,7 @@ def _csv(path, header, rows):
             w = csv.writer(f)
             w.writerow(header)
             w.writerows(rows)
+    return path
 
 
 def plot_profile(profile: dict, out_dir):
@@ -109,17 +111,18 @@ def plot_profile(profile: dict, out_dir):
     _save(fig, out_dir / "profile_heatmap.png")
 
 
-def plot_eval(ev: dict, out_dir):
-    """PPL per method with 95% CI bars (ROMER and the best method marked), and load CV per layer."""
+def plot_eval(ev: dict, out_dir) -> list[Path]:
+    """PPL per method with 95% CI bars (ROMER and the best method marked), and load CV per layer; returns
+    the files written."""
     out_dir = Path(out_dir)
     names = [k for k in ev["ppl"] if k != "clean"]
     means = [ev["ppl"][k]["mean"] for k in names]
     lo = [m - ev["ppl"][k]["ci95"][0] for k, m in zip(names, means)]
     hi = [ev["ppl"][k]["ci95"][1] - m for k, m in zip(names, means)]
-    _csv(out_dir / "eval_ppl.csv", ["method", "ppl_mean", "ci95_lo", "ci95_hi"],
+    made = [_csv(out_dir / "eval_ppl.csv", ["method", "ppl_mean", "ci95_lo", "ci95_hi"],
          [["clean", round(ev["ppl"]["clean"], 4), "", ""]]
          + [[k, round(ev["ppl"][k]["mean"], 4), round(ev["ppl"][k]["ci95"][0], 4), round(ev["ppl"][k]["ci95"][1], 4)]
-            for k in names])
+            for k in names])]
     noisy = ev["ppl"]["noisy"]["mean"] if "noisy" in ev["ppl"] else None
     repaired = [k for k in names if k != "noisy"]
     best = min(repaired, key=lambda k: ev["ppl"][k]["mean"]) if repaired else None
@@ -146,11 +149,11 @@ def plot_eval(ev: dict, out_dir):
     ax.set_title(f"{ev['dataset']}, {len(ev['seeds'])} noise seeds, 95% CI")
     ax.grid(axis="y", visible=False)
     ax.legend(loc="lower right", fontsize=7)
-    _save(fig, out_dir / "eval_ppl.png")
+    made.append(_save(fig, out_dir / "eval_ppl.png"))
 
     cv = ev["cv_per_layer"]
     layers = list(cv["clean"])
-    _csv(out_dir / "eval_cv_per_layer.csv", ["layer"] + list(cv), [[l] + [round(cv[m][l], 5) for m in cv] for l in layers])
+    made.append(_csv(out_dir / "eval_cv_per_layer.csv", ["layer"] + list(cv), [[l] + [round(cv[m][l], 5) for m in cv] for l in layers]))
     fig, ax = plt.subplots(figsize=(7.5, 3.4), constrained_layout=True)
     styles = ["-", "--", ":", "-."]
     for i, m in enumerate(cv):
@@ -160,7 +163,8 @@ def plot_eval(ev: dict, out_dir):
     ax.set_xlabel("MoE layer")
     ax.set_ylabel("CV of expert load (lower: more balanced)")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    _save(fig, out_dir / "eval_cv_per_layer.png")
+    made.append(_save(fig, out_dir / "eval_cv_per_layer.png"))
+    return made
 
 
 def plot_sweep(sw: dict, out_dir):

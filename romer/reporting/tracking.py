@@ -97,10 +97,10 @@ def _fmt(v) -> str:
     return "null" if v is None else (f"{v:g}" if isinstance(v, float) else str(v)).replace(" ", "")
 
 
-def default_run_name(params, kind="evaluate") -> str:
+def default_run_name(params, kind="evaluate", diff=None) -> str:
     """`<dvc exp>: <kind> <params that differ from the defaults>`: what sets this run apart, readable in
-    the runs table (a run of the committed defaults is `evaluate defaults`)."""
-    diff = params_diff(params)
+    the runs table (a run of the committed defaults is `evaluate defaults`). diff: params_diff(params)."""
+    diff = params_diff(params) if diff is None else diff
     what = " ".join(f"{k}={_fmt(v)}" for k, v in diff.items()) or "defaults"
     exp = os.environ.get("DVC_EXP_NAME")
     name = f"{exp}: {kind} {what}" if exp else f"{kind} {what}"
@@ -194,8 +194,8 @@ def log_run(params, ev: dict, extra_metrics=None, strict=False, run_name=None, a
 
         mlflow.set_tracking_uri(cfg.tracking_uri)
         exp = mlflow.set_experiment(cfg.experiment)
-        name = run_name or default_run_name(params, kind)
         diff = params_diff(params)
+        name = run_name or default_run_name(params, kind, diff)
         tags = provenance_tags(ev) | {
             "model": params.model.source, "noise_source": params.noise.source, "dataset": ev.get("dataset", ""),
             "kind": kind, "dvc_experiment": os.environ.get("DVC_EXP_NAME", "none"),
