@@ -3,30 +3,29 @@
     python scripts/mlflow_screenshots.py [--tracking-uri sqlite:///mlflow.db] [--out docs/img]
 
 Starts `mlflow server` on the store, finds the `romer` experiment and its latest evaluate parent run,
-and writes mlflow_runs.png (the parent with its method children) and mlflow_chart.png (the chart
-view of the children). Needs Chromium (`apt-get install chromium` on Debian).
+and writes mlflow_runs.png (its method children, best first, with the method keys as columns) and
+mlflow_chart.png (the chart view of the children). Needs Chromium (`apt-get install chromium` on Debian).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from romer.reporting.mlflow_server import mlflow_server
+from romer.reporting.summary import METHOD_KEYS
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# The runs table's columns: MLflow shows none of the metrics until they are picked under *Columns*, so
+# the script stores a shared view (what the UI's *Share* button does: an experiment tag
+# `mlflow.sharedViewState.<key>` holding the view as JSON) and opens it with `viewStateShareKey`.
+VIEW_TAG = "mlflow.sharedViewState."
 
 
 def api(url, endpoint, body=None):
@@ -52,22 +51,7 @@ def main():
     browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
     if browser is None:
         sys.exit("error: no Chromium found (apt-get install chromium)")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", a.tracking_uri,
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).read()
-                break
-            except Exception:
-                if proc.poll() is not None or time.time() > deadline:
-                    sys.exit("error: mlflow server did not start")
-                time.sleep(0.5)
+    with mlflow_server(a.tracking_uri) as url:
         exp = api(url, "/api/2.0/mlflow/experiments/get-by-name?" + urllib.parse.urlencode(
             {"experiment_name": a.experiment}))["experiment"]
         eid = exp["experiment_id"]
@@ -76,19 +60,24 @@ def main():
             "order_by": ["attributes.start_time DESC"]}).get("runs", [])
         if not parents:
             sys.exit(f"error: no evaluate run in experiment {a.experiment!r}: run `dvc repro` first")
+        parent = parents[0]["info"]["run_id"]
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
-        # The method children of the latest evaluate: one row (and one bar per chart) per method.
-        children = urllib.parse.quote(f"tags.mlflow.parentRunId = '{parents[0]['info']['run_id']}'")
-        base = f"{url}/#/experiments/{eid}/runs?searchFilter={children}&orderByKey=metrics.%60ppl_mean%60&orderByAsc=true"
-        shoot(browser, base + "&compareRunsMode=TABLE", out / "mlflow_runs.png")
+        # The method children of the latest evaluate, best first: one row (and one bar per chart) per
+        # method, with the method keys as columns.
+        first = ("ppl_mean", "reduction_pct")
+        columns = ["tags.`method`"] + [f"metrics.`{k}`" for k in first + tuple(k for k in METHOD_KEYS if k not in first)]
+        search = f"tags.mlflow.parentRunId = '{parent}'"
+        view = {"searchFilter": search, "orderByKey": "metrics.`ppl_mean`", "orderByAsc": True,
+                "selectedColumns": columns, "columnOrder": columns,
+                "runsHiddenMode": "SHOW_ALL", "compareRunsMode": "TABLE"}
+        key = hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()[:32]
+        api(url, "/api/2.0/mlflow/experiments/set-experiment-tag",
+            {"experiment_id": eid, "key": VIEW_TAG + key, "value": json.dumps(view)})
+        base = f"{url}/#/experiments/{eid}/runs?viewStateShareKey={key}"
+        shoot(browser, base + "&compareRunsMode=TABLE", out / "mlflow_runs.png", size="1900,800")
+        print(f"shared view: {base}")
         shoot(browser, base + "&compareRunsMode=CHART", out / "mlflow_chart.png", size="1600,1100", wait_ms=60000)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":

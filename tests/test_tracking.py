@@ -3,9 +3,6 @@
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -16,6 +13,7 @@ import yaml
 
 from romer.cli import main as cli_main
 from romer.core.params import Params, flatten
+from romer.reporting.mlflow_server import free_port, mlflow_server
 from romer.reporting.summary import METHOD_KEYS, headline, method_rows
 from romer.reporting.tracking import default_run_name, log_run
 
@@ -42,12 +40,6 @@ EVAL = {
 }
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def get(url, endpoint, **query):
     q = "?" + urllib.parse.urlencode(query) if query else ""
     with urllib.request.urlopen(f"{url}{endpoint}{q}", timeout=10) as r:
@@ -58,36 +50,8 @@ def get(url, endpoint, **query):
 def server(tmp_path_factory):
     """`mlflow server` on 127.0.0.1 with a temporary sqlite store, in its own process group."""
     tmp = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no job-runner processes
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp / 'm.db'}",
-         "--default-artifact-root", str(tmp / "art"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).read()
-                break
-            except Exception:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"mlflow server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
-                time.sleep(0.5)
+    with mlflow_server(f"sqlite:///{tmp / 'm.db'}", artifact_root=tmp / "art", log_path=tmp / "server.log") as url:
         yield url
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        log.close()
 
 
 @pytest.fixture

@@ -153,8 +153,9 @@ def _log_children(mlflow, parent_name, ev):
     for r in rows:
         with mlflow.start_run(run_name=f"{r['method']} | {parent_name}"[:MAX_RUN_NAME], nested=True,
                               tags={"method": r["method"]}) as child:
-            mlflow.log_metrics({k: v for k, v in r.items() if (k in METHOD_KEYS or k.startswith("task."))
-                                and v is not None})
+            # 4 decimals: what the runs table can show in a column (eval.json keeps the full values)
+            mlflow.log_metrics({k: round(float(v), 4) for k, v in r.items()
+                                if (k in METHOD_KEYS or k.startswith("task.")) and v is not None})
             now = int(time.time() * 1000)
             steps = [Metric("ppl_per_seed", float(v), now, int(seed)) for seed, v in r["per_seed"]]
             steps += [Metric("load_cv_per_layer", v, now, layer) for layer, v in r["per_layer"]]
