@@ -2,9 +2,18 @@
 
 Parts (each optional):
   scales     noisy PPL against the noise strength (a multiplier of noise.prog_scale and read_scale).
-  parts      damage decomposition: noise on one analog kind at a time (router, attention, ...).
+  parts      damage decomposition: noise on one analog kind at a time (router, attention, ...), and
+             the periphery alone (DAC/ADC and output noise, no weight noise).
+  limits     what routing repair can reach at best: the noisy model routed to the clean top-k sets
+             (weights from its own logits), and routed exactly as the clean model (clean logits).
+  baselines  ROMER against the trivial router fixes, per chip, paired: calibrate_only (the
+             percentile map), temperature_only (one scale per layer: the pooled percentile span
+             ratio, no shift), shift_only (per-expert shift, no scale), replace_only and romer.
   methods    ROMER variants at the default noise: replacement strategy x tau, percentiles,
              calibration mode and layer-wise calibration; each against the same noisy seeds.
+
+Noise seeds default to 1000-1004, disjoint from eval.seeds and calib.seeds (refused otherwise), so
+that a choice made here is never made on the chips the evaluate stage reports.
 
   python benchmarks/ablation.py --parts scales parts methods --out metrics/ablation.json
 
@@ -36,12 +45,73 @@ def with_params(exp, **sections):
     return exp.params.model_copy(update=upd)
 
 
+def temperature_map(noisy, clean):
+    """One scale per layer, no shift: the pooled percentile span ratio (clean / noisy) over all
+    experts. A router temperature fitted on the statistics the percentile map uses."""
+    n_span = (noisy[:, 1] - noisy[:, 0]).sum()
+    c_span = (clean[:, 1] - clean[:, 0]).sum()
+    a = (c_span / n_span).expand(noisy.shape[0]).clone()
+    return a, torch.zeros_like(a)
+
+
+def shift_map(noisy, clean):
+    """Per-expert shift, no scale: the percentile midpoints moved onto the clean ones (selection
+    only, the spread left as it is)."""
+    a = torch.ones(noisy.shape[0], dtype=noisy.dtype)
+    return a, clean.mean(dim=1) - noisy.mean(dim=1)
+
+
+def baselines(exp, seeds, eval_w, calib_w, clean_rec) -> dict:
+    """Per chip: noisy, calibrate_only, replace_only, romer (romer.pipeline.stages.evaluate_seed) and
+    temperature_only / shift_only (the percentile map restricted to a scale or a shift), paired."""
+    import romer.methods.calibration as cal
+    from romer.pipeline.stages import _pct_to_json, clean_percentiles, method_specs
+
+    e = exp.params.eval
+    pct = {"clean": _pct_to_json(clean_percentiles(exp, calib_w))}
+    clean_pct = {int(k): torch.tensor(v, dtype=torch.float64) for k, v in pct["clean"].items()}
+    specs = method_specs(("per_chip",))
+    rows = {}
+    for seed in seeds:
+        got = evaluate_seed(exp, seed, eval_w, calib_w, None, pct, clean_rec, specs)
+        for name, r in got.items():
+            rows.setdefault(name, []).append(r["ppl"])
+        for name, fit in (("temperature_only", temperature_map), ("shift_only", shift_map)):
+            exp.set_state(seed)
+            original = cal.affine_map
+            cal.affine_map = fit  # calibrate_maps looks it up at call time
+            try:
+                maps = exp.calibrate(calib_w, clean_pct)
+            finally:
+                cal.affine_map = original
+            rows.setdefault(name, []).append(perplexity(exp.model, exp.adapter, eval_w, e.batch_size, exp.device,
+                                                        exp.routing_plan(None, maps)))
+        print(f"seed {seed}: " + ", ".join(f"{n} {v[-1]:.3f}" for n, v in rows.items()))
+    out = {"ppl": {n: mean_ci(v) for n, v in rows.items()}, "reduction_vs_noisy": {}, "romer_vs": {}}
+    for n, v in rows.items():
+        if n != "noisy":
+            red, ci = paired_reduction(rows["noisy"], v)
+            out["reduction_vs_noisy"][n] = {"pct": red, "ci95": ci}
+        if n not in ("romer", "noisy"):
+            red, ci = paired_reduction(v, rows["romer"])
+            out["romer_vs"][n] = {"pct": red, "ci95": ci}  # positive: ROMER better than n
+    print("| method | PPL (mean over seeds) | reduction vs noisy, 95% CI | ROMER vs it, 95% CI |")
+    print("|---|---|---|---|")
+    for n in rows:
+        r = out["reduction_vs_noisy"].get(n)
+        v = out["romer_vs"].get(n)
+        print(f"| {n} | {out['ppl'][n]['mean']:.3f} | "
+              + (f"{r['pct']:+.2f}% [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]" if r else "-") + " | "
+              + (f"{v['pct']:+.2f}% [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}]" if v else "-") + " |")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="builtin-validation")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1000, 1001, 1002, 1003, 1004])
     ap.add_argument("--max-tokens", type=int, default=None)
-    ap.add_argument("--parts", nargs="+", default=["scales", "parts", "limits", "methods"])
+    ap.add_argument("--parts", nargs="+", default=["scales", "parts", "limits", "baselines", "methods"])
     ap.add_argument("--scales", type=float, nargs="+", default=[0.5, 1, 2, 4, 8])
     ap.add_argument("--scale", type=float, default=1.0, help="noise strength of the method ablation (default 1)")
     ap.add_argument("--strategies", nargs="+", default=["copy_router", "split", "average"])
@@ -52,6 +122,12 @@ def main(argv=None):
 
     t0 = time.time()
     params = load_params()
+    shared = sorted(set(args.seeds) & (set(params.eval.seeds) | set(params.calib.seeds)))
+    if shared:
+        raise SystemExit(f"error: --seeds {shared} are also eval.seeds or calib.seeds in params.yaml: choose "
+                         f"on other chips than the ones evaluate reports (default --seeds 1000-1004)")
+    if args.dataset == params.eval.dataset:
+        raise SystemExit(f"error: --dataset {args.dataset} is eval.dataset: choose on validation, not test")
     set_determinism(params.numerics.threads)
     exp = Experiment(params)
     e = params.eval
@@ -59,7 +135,10 @@ def main(argv=None):
     calib_w = exp.calib_windows()
     exp.set_state(None)
     clean_rec = Recorder(indices=True)
+    clean_logits = Recorder(logits=True, indices=False) if {"limits"} & set(args.parts) else None
     clean = perplexity(exp.model, exp.adapter, eval_w, e.batch_size, exp.device, None, clean_rec)
+    if clean_logits is not None:  # the clean router logits, batch by batch, for the full routing oracle
+        perplexity(exp.model, exp.adapter, eval_w, e.batch_size, exp.device, None, clean_logits)
     out = {"dataset": args.dataset, "tokens": int(eval_w.numel()), "seeds": args.seeds, "clean_ppl": clean,
            "noise_source": params.noise.source}
     print(f"clean PPL on {args.dataset}: {clean:.2f} ({eval_w.numel()} tokens)")
@@ -82,8 +161,8 @@ def main(argv=None):
 
     if "parts" in args.parts:
         parts = {}
-        for kind in exp.analog_kinds + ["all"]:
-            kinds = None if kind == "all" else [kind]
+        for kind in exp.analog_kinds + ["periphery_only", "all"]:
+            kinds = None if kind == "all" else [] if kind == "periphery_only" else [kind]
             parts[kind] = mean_ci([noisy_ppl(seed, kinds=kinds) for seed in args.seeds])
             print(f"noise on {kind:15s}: PPL {parts[kind]['mean']:.2f}")
         out["damage_by_part"] = parts
@@ -106,16 +185,36 @@ def main(argv=None):
                 return LayerRouting(transform=transform)
             return {layer: make(layer) for layer in exp.layers}
 
-        rows = {"noisy": [], "oracle_routing": []}
+        def clean_routing_plan():
+            """Every router's logits replaced by the clean model's for the same tokens: the clean
+            top-k sets and the clean gate weights, the bound of any router-only repair."""
+            queues = {layer: list(clean_logits.logits[layer]) for layer in exp.layers}
+            pos = {layer: 0 for layer in exp.layers}
+
+            def make(layer):
+                def transform(logits):
+                    got = queues[layer][pos[layer]].to(logits.device, logits.dtype)
+                    pos[layer] += 1
+                    return got
+                return LayerRouting(transform=transform)
+            return {layer: make(layer) for layer in exp.layers}
+
+        rows = {"noisy": [], "oracle_routing": [], "oracle_clean_routing": []}
         for seed in args.seeds:
             rows["noisy"].append(noisy_ppl(seed))
-            rows["oracle_routing"].append(perplexity(exp.model, exp.adapter, eval_w, e.batch_size, exp.device,
-                                                     oracle_plan()))
+            for name, plan in (("oracle_routing", oracle_plan), ("oracle_clean_routing", clean_routing_plan)):
+                exp.set_state(seed)  # same weights; restarts the periphery's noise stream as for noisy
+                rows[name].append(perplexity(exp.model, exp.adapter, eval_w, e.batch_size, exp.device, plan()))
         out["limits"] = {k: mean_ci(v) for k, v in rows.items()}
-        red, ci = paired_reduction(rows["noisy"], rows["oracle_routing"])
-        out["limits"]["oracle_reduction_pct"], out["limits"]["oracle_reduction_ci95"] = red, ci
-        print(f"oracle routing (clean top-k sets on the noisy model): PPL {out['limits']['oracle_routing']['mean']:.2f} "
-              f"vs noisy {out['limits']['noisy']['mean']:.2f} ({red:+.1f}%)")
+        for name, what in (("oracle_routing", "clean top-k sets, noisy gate weights"),
+                           ("oracle_clean_routing", "clean top-k sets and clean gate weights")):
+            red, ci = paired_reduction(rows["noisy"], rows[name])
+            out["limits"][f"{name}_reduction_pct"], out["limits"][f"{name}_reduction_ci95"] = red, ci
+            print(f"{name} ({what}): PPL {out['limits'][name]['mean']:.2f} vs noisy "
+                  f"{out['limits']['noisy']['mean']:.2f} (reduction {red:+.2f}%, 95% CI [{ci[0]:+.2f}, {ci[1]:+.2f}])")
+
+    if "baselines" in args.parts:
+        out["baselines"] = baselines(exp, args.seeds, eval_w, calib_w, clean_rec)
 
     if "methods" in args.parts:
         profile = profile_routing(exp, calib_w)
