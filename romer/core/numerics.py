@@ -1,28 +1,26 @@
-"""Numerical modes pinned so that a run gives the same bytes on any Intel x86-64 CPU with AVX2.
+"""Numerical modes pinned so that a run gives the same bytes on any x86-64 CPU with AVX2, Intel or AMD.
 
 Same-machine reruns were always byte-identical; across machines they were not, because torch and
-MKL pick their kernels by the CPU they find (AVX2 or AVX-512, Intel or AMD) and MKL's matmul splits
-its sums by thread, and a different kernel sums in a different order. Training amplifies a
-last-bit difference into a different model. So (measured in docs/reproducibility.md):
+MKL pick their kernels by the CPU they find (AVX2 or AVX-512, Intel or AMD) and a different kernel
+sums in a different order. Training amplifies a last-bit difference into a different model. So
+(measured in docs/reproducibility.md):
 
 - torch's own kernels (softmax, norms, reductions, AdamW) run the AVX2 build: ATEN_CPU_CAPABILITY;
-- MKL's matmul (every fp32 nn.Linear, bmm, grouped_mm and attention on CPU) runs its conditional
-  numerical reproducibility path, AVX2 in strict mode, whose result is also independent of the
-  thread count: MKL_CBWR=AVX2,STRICT;
+- MKL's matmul (every fp32 nn.Linear, bmm, grouped_mm and attention on CPU) runs its COMPATIBLE
+  conditional-numerical-reproducibility path: MKL_CBWR=COMPATIBLE, the one mode MKL documents for
+  non-Intel CPUs as well as Intel ones. Its AVX2 mode, used before, holds on Intel only: on an AMD
+  CPU MKL falls back to its automatic choice, and an AMD-trained and an Intel-trained model
+  differed (val PPL 60.88 against 60.11, docs/reproducibility.md). COMPATIBLE splits its sums by
+  thread, so the thread count (`numerics.threads`, a DVC param) is part of what decides the bytes;
 - numpy's runtime-dispatched SIMD loops (the noise fit) stop at AVX2; its least squares goes
   through lstsq_exact below instead of LAPACK;
 - oneDNN is capped at AVX2 too (no fp32 op of these models calls it today);
 - every stage runs on `numerics.threads` intra-op threads.
 
-MKL documents its AVX2 mode for Intel CPUs only: on an AMD CPU it falls back to its automatic
-choice, so the matmuls, and so the trained model, differ from Intel's. `MKL_CBWR=COMPATIBLE`, set
-by hand on both machines, is the mode MKL documents for non-Intel CPUs (2-3x slower training,
-thread-count dependent; not verified on AMD here).
-
 The variables must be set before torch and numpy load their kernels; `import romer` does it
 (romer/__init__.py), and every stage, test and benchmark imports romer first. A variable the user
-set already is kept; `ROMER_NUMERICS=native` skips the pinning (faster on an AVX-512 CPU, not
-reproducible elsewhere). Neither is a DVC param: after switching, rerun with `dvc repro --force`.
+set already is kept; `ROMER_NUMERICS=native` skips the pinning (faster, not reproducible
+elsewhere). Neither is a DVC param: after switching, rerun with `dvc repro --force`.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ import os
 # Each: the library's own switch and the value that holds it to the AVX2 code path.
 PINS = {
     "ATEN_CPU_CAPABILITY": "avx2",  # torch's own vectorised kernels
-    "MKL_CBWR": "AVX2,STRICT",  # MKL conditional numerical reproducibility, thread-count independent
+    "MKL_CBWR": "COMPATIBLE",  # MKL conditional numerical reproducibility, the same on Intel and AMD
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # MKL's other domains capped at AVX2
     "MKL_DYNAMIC": "FALSE",  # MKL uses the threads it is given (CNR needs a fixed count)
     "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN (mkldnn) kernels
@@ -90,12 +88,12 @@ def set_determinism(threads: int | None) -> None:
 
 
 def modes() -> dict:
-    """The numerical modes that decide the bytes of a result (eval.json, MLflow). The thread count is
-    left out: under MKL's strict mode it does not change them (docs/reproducibility.md)."""
+    """The numerical modes that decide the bytes of a result (eval.json, MLflow), the intra-op thread
+    count included: MKL's COMPATIBLE mode splits its sums by thread (docs/reproducibility.md)."""
     import torch
 
     return {"mode": "native" if native() else "pinned", "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "mkl_cbwr": os.environ.get("MKL_CBWR")}
+            "mkl_cbwr": os.environ.get("MKL_CBWR"), "threads": torch.get_num_threads()}
 
 
 def lstsq_exact(A, b):
