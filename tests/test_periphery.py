@@ -562,3 +562,43 @@ def test_compiled_kernels_agree_with_the_eager_fallback(olmoe, preset, monkeypat
     eager = model_logits(model, ids, recs, PRESETS[preset], noise=PCM, seed=5)
     assert torch.equal(compiled, eager)
     assert float((compiled - clean).norm() / clean.norm()) > 0.01
+
+
+_CACHE_CHILD = r"""
+import romer, torch
+from romer.cim import kernels
+torch.manual_seed(0)
+x = torch.randn(512, 32)
+a = kernels.dac(x, None, 1 / 126, 63.0, True, False, False)
+b = kernels._dac(x, None, 1 / 126, 63.0, True, False, False)
+print(torch.backends.cpu.get_cpu_capability(), torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]))
+"""
+
+
+def test_compiled_kernels_do_not_cross_cpu_capabilities(tmp_path):
+    """torch.compile's disk cache ignores the CPU capability: a native (AVX-512) process, then a pinned
+    (AVX2) one, on one cache, must each still compute what the eager function does (before the per-
+    capability cache directory the second one returned wrong scales, and the reverse order aborted)."""
+    import os
+    import subprocess
+    import sys
+
+    from romer.core.numerics import PINS
+
+    def child(native: bool):
+        env = {k: v for k, v in os.environ.items() if k not in PINS}
+        env.update(TORCHINDUCTOR_CACHE_DIR=str(tmp_path), **({"ROMER_NUMERICS": "native"} if native else {}))
+        r = subprocess.run([sys.executable, "-c", _CACHE_CHILD], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout.split()
+
+    first = child(native=True)
+    if first[0] == "AVX2":
+        pytest.skip("this CPU's native capability is AVX2, the pinned one: nothing to cross")
+    second = child(native=False)
+    third = child(native=True)
+    assert first == ["AVX512", "True"] or first[1] == "True", first
+    assert second == ["AVX2", "True"], second
+    assert third[1] == "True", third
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("romer-")) == sorted(
+        {f"romer-{first[0].lower()}", "romer-avx2"})

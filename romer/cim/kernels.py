@@ -10,6 +10,12 @@ Compiled and eager give the same bytes: only exact operations are fused (product
 clamping, max, sqrt; no sums), in the order the eager code writes them. Where compilation is not
 available (no C++ compiler, an unsupported platform) the functions run eagerly, with a single
 warning; `ROMER_COMPILE=0` forces that.
+
+torch.compile keeps its compiled kernels on disk (TORCHINDUCTOR_CACHE_DIR), under a key that leaves
+out torch's CPU capability. A kernel compiled under one capability (the pinned AVX2, or AVX-512
+under ROMER_NUMERICS=native) was then loaded under the other, where it computed wrong abs-max
+scales silently (AVX-512 kernel, AVX2 process) or corrupted the heap (the other way round):
+measured on an AVX-512 Xeon, torch 2.13. So each capability gets its own cache directory.
 """
 
 from __future__ import annotations
@@ -18,6 +24,19 @@ import os
 import warnings
 
 import torch
+
+
+def use_capability_cache_dir() -> str:
+    """Point torch.compile's on-disk cache at a directory of this process's CPU capability (the one
+    set, or the default, with `romer-<capability>` appended; an inherited `romer-*` is replaced)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    base = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
+    if os.path.basename(os.path.normpath(base)).startswith("romer-"):
+        base = os.path.dirname(os.path.normpath(base))
+    path = os.path.join(base, f"romer-{torch.backends.cpu.get_cpu_capability().lower()}")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    return path
 
 
 class _Kernel:
@@ -36,6 +55,7 @@ class _Kernel:
 
                     cfg = torch._dynamo.config
                     cfg.recompile_limit = max(getattr(cfg, "recompile_limit", 8), 64)
+                    use_capability_cache_dir()
                     self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
                 return self.compiled(*args)
             except Exception as exc:  # no compiler, unsupported backend: the eager function is exact too
