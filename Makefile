@@ -22,7 +22,7 @@ repro: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 
 # Beyond the paper (noise-scale sweep, drift over time, other MoE families, report); run after
-# `make repro`. About 26 minutes on 2 cores (numerical pins on), most of it training the two other families.
+# `make repro`. About 90 minutes on 2 cores (numerical pins on), most of it training the three other families.
 beyond: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro beyond/dvc.yaml
 
