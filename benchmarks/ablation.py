@@ -2,8 +2,8 @@
 
 Parts (each optional):
   scales     noisy PPL against the noise strength (a multiplier of noise.prog_scale and read_scale).
-  parts      damage decomposition: noise on one analog kind at a time (router, attention, ...), and
-             the periphery alone (DAC/ADC and output noise, no weight noise).
+  parts      damage decomposition: noise (and the periphery) on one analog kind at a time (router,
+             attention, ...).
   limits     what routing repair can reach at best: the noisy model routed to the clean top-k sets
              (weights from its own logits), and routed exactly as the clean model (clean logits).
   baselines  ROMER against the trivial router fixes, per chip, paired: calibrate_only (the
@@ -161,8 +161,10 @@ def main(argv=None):
 
     if "parts" in args.parts:
         parts = {}
-        for kind in exp.analog_kinds + ["periphery_only", "all"]:
-            kinds = None if kind == "all" else [] if kind == "periphery_only" else [kind]
+        # Each row is one analog kind with its noise and its periphery (the periphery runs only on
+        # arrays that carry noise, so it cannot be isolated this way: kinds=[] is the clean model).
+        for kind in exp.analog_kinds + ["all"]:
+            kinds = None if kind == "all" else [kind]
             parts[kind] = mean_ci([noisy_ppl(seed, kinds=kinds) for seed in args.seeds])
             print(f"noise on {kind:15s}: PPL {parts[kind]['mean']:.2f}")
         out["damage_by_part"] = parts
@@ -176,13 +178,26 @@ def main(argv=None):
             queues = {layer: list(clean_rec.indices[layer]) for layer in exp.layers}
             pos = {layer: 0 for layer in exp.layers}
 
+            # The gate weights are the family's own for the noisy logits, taken at the clean set: the
+            # softmax over all experts, then (if the family does) renormalised over the k chosen.
+            # Masking the other logits before the softmax instead would renormalise the weights of a
+            # router that does not (OLMoE), and inflate the expert mass it passes on.
+            from romer.moe.adapters import SoftmaxTopKAdapter
+
+            if not isinstance(exp.adapter, SoftmaxTopKAdapter):
+                raise SystemExit(f"error: the clean-set oracle is written for softmax top-k routers, not "
+                                 f"{type(exp.adapter).__name__}")
+            renorm = bool(getattr(exp.model.config, "norm_topk_prob", False))
+
             def make(layer):
-                def transform(logits):
+                def post(weights, indices, logits):
                     idx = queues[layer][pos[layer]].long().to(logits.device)
                     pos[layer] += 1
-                    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, idx, True)
-                    return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
-                return LayerRouting(transform=transform)
+                    w = torch.softmax(logits.float(), dim=-1).gather(1, idx)
+                    if renorm:
+                        w = w / w.sum(dim=-1, keepdim=True)
+                    return w.to(weights.dtype), idx
+                return LayerRouting(post=post)
             return {layer: make(layer) for layer in exp.layers}
 
         def clean_routing_plan():
