@@ -65,11 +65,11 @@ def baselines(exp, seeds, eval_w, calib_w, clean_rec) -> dict:
     """Per chip: noisy, calibrate_only, replace_only, romer (romer.pipeline.stages.evaluate_seed) and
     temperature_only / shift_only (the percentile map restricted to a scale or a shift), paired."""
     import romer.methods.calibration as cal
-    from romer.pipeline.stages import _pct_to_json, clean_percentiles, method_specs
+    from romer.pipeline.stages import _pct_to_json, clean_percentiles, method_specs, pct_from_json
 
     e = exp.params.eval
     pct = {"clean": _pct_to_json(clean_percentiles(exp, calib_w))}
-    clean_pct = {int(k): torch.tensor(v, dtype=torch.float64) for k, v in pct["clean"].items()}
+    clean_pct = pct_from_json(pct["clean"])  # the targets evaluate_seed uses
     specs = method_specs(("per_chip",))
     rows = {}
     for seed in seeds:

@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-NO_AVX512 = "glibc.cpu.hwcaps=" + ",".join(
-    f"-{f}" for f in ("AVX512F", "AVX512CD", "AVX512BW", "AVX512DQ", "AVX512VL", "AVX512ER", "AVX512PF"))
+sys.path.insert(0, str(REPO / "scripts"))
+from check_determinism import NO_AVX512  # noqa: E402  (glibc's hwcaps without AVX-512, as that check uses)
 # (name, environment on top of the pins, threads)
 SETTINGS = [
     ("AVX2,STRICT (the old pin)", {"MKL_CBWR": "AVX2,STRICT"}, 2),

@@ -597,7 +597,7 @@ def test_compiled_kernels_do_not_cross_cpu_capabilities(tmp_path):
         pytest.skip("this CPU's native capability is AVX2, the pinned one: nothing to cross")
     second = child(native=False)
     third = child(native=True)
-    assert first == ["AVX512", "True"] or first[1] == "True", first
+    assert first[1] == "True", first
     assert second == ["AVX2", "True"], second
     assert third[1] == "True", third
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("romer-")) == sorted(
