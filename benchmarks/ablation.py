@@ -9,6 +9,11 @@ Parts (each optional):
   baselines  ROMER against the trivial router fixes, per chip, paired: calibrate_only (the
              percentile map), temperature_only (one scale per layer: the pooled percentile span
              ratio, no shift), shift_only (per-expert shift, no scale), replace_only and romer.
+  plus       ROMER+ candidates against ROMER and its baselines (temperature_only, affine_columns: the
+             periphery's per-column calibration), per chip, paired: romer_reprofiled (calibrate,
+             re-profile, replace the experts still cold, recalibrate), router_digital
+             (the clean router matrix kept digital), router_refit at each --alphas (each router
+             refitted by ridge on the noisy hidden states to the clean logits, romer.methods.router_refit).
   methods    ROMER variants at the default noise: replacement strategy x tau, percentiles,
              calibration mode and layer-wise calibration; each against the same noisy seeds.
 
@@ -45,26 +50,9 @@ def with_params(exp, **sections):
     return exp.params.model_copy(update=upd)
 
 
-def temperature_map(noisy, clean):
-    """One scale per layer, no shift: the pooled percentile span ratio (clean / noisy) over all
-    experts. A router temperature fitted on the statistics the percentile map uses."""
-    n_span = (noisy[:, 1] - noisy[:, 0]).sum()
-    c_span = (clean[:, 1] - clean[:, 0]).sum()
-    a = (c_span / n_span).expand(noisy.shape[0]).clone()
-    return a, torch.zeros_like(a)
-
-
-def shift_map(noisy, clean):
-    """Per-expert shift, no scale: the percentile midpoints moved onto the clean ones (selection
-    only, the spread left as it is)."""
-    a = torch.ones(noisy.shape[0], dtype=noisy.dtype)
-    return a, clean.mean(dim=1) - noisy.mean(dim=1)
-
-
 def baselines(exp, seeds, eval_w, calib_w, clean_rec) -> dict:
-    """Per chip: noisy, calibrate_only, replace_only, romer (romer.pipeline.stages.evaluate_seed) and
-    temperature_only / shift_only (the percentile map restricted to a scale or a shift), paired."""
-    import romer.methods.calibration as cal
+    """Per chip: noisy, calibrate_only, temperature_only, replace_only, romer
+    (romer.pipeline.stages.evaluate_seed) and shift_only (the percentile map restricted to a shift), paired."""
     from romer.pipeline.stages import _pct_to_json, clean_percentiles, method_specs, pct_from_json
 
     e = exp.params.eval
@@ -76,14 +64,9 @@ def baselines(exp, seeds, eval_w, calib_w, clean_rec) -> dict:
         got = evaluate_seed(exp, seed, eval_w, calib_w, None, pct, clean_rec, specs)
         for name, r in got.items():
             rows.setdefault(name, []).append(r["ppl"])
-        for name, fit in (("temperature_only", temperature_map), ("shift_only", shift_map)):
+        for name, fit in (("shift_only", "shift"),):
             exp.set_state(seed)
-            original = cal.affine_map
-            cal.affine_map = fit  # calibrate_maps looks it up at call time
-            try:
-                maps = exp.calibrate(calib_w, clean_pct)
-            finally:
-                cal.affine_map = original
+            maps = exp.calibrate(calib_w, clean_pct, fit=fit)
             rows.setdefault(name, []).append(perplexity(exp.model, exp.adapter, eval_w, e.batch_size, exp.device,
                                                         exp.routing_plan(None, maps)))
         print(f"seed {seed}: " + ", ".join(f"{n} {v[-1]:.3f}" for n, v in rows.items()))
@@ -106,6 +89,66 @@ def baselines(exp, seeds, eval_w, calib_w, clean_rec) -> dict:
     return out
 
 
+def plus(exp, seeds, eval_w, calib_w, clean_rec, alphas) -> dict:
+    """ROMER+ candidates on each chip, with ROMER and its baselines (romer.pipeline.stages.evaluate_seed)
+    on the same chips, paired: romer_reprofiled, router_digital and the router refit at each alpha."""
+    from romer.pipeline.stages import (_pct_to_json, chip_plan, clean_percentiles, clean_replaced, clean_router_targets,
+                                       method_specs, pct_from_json, router_plan)
+
+    e = exp.params.eval
+    pct = {"clean": _pct_to_json(clean_percentiles(exp, calib_w))}
+    clean_pct = pct_from_json(pct["clean"])
+    targets = clean_router_targets(exp, calib_w)
+    specs = {k: v for k, v in method_specs(("per_chip",), columns=exp.periphery is not None).items()
+             if k in ("noisy", "calibrate_only", "temperature_only", "affine_columns", "romer", "router_digital")}
+    base = exp.params
+    rows, seconds, replaced = {}, {}, {}
+    for seed in seeds:
+        got = evaluate_seed(exp, seed, eval_w, calib_w, None, pct, clean_rec, specs, router_targets=targets)
+        for name, r in got.items():
+            rows.setdefault(name, []).append(r["ppl"])
+        replaced.setdefault("romer", []).append(got["romer"]["replaced"])
+        # the paper's order done right: calibrate, re-profile, replace the experts still cold, recalibrate
+        exp.set_state(seed)
+        t1 = time.perf_counter()
+        plan = chip_plan(exp, seed, calib_w, exp.calibrate(calib_w, clean_pct))
+        exp.set_state(seed, plan)
+        maps = exp.calibrate(calib_w, clean_replaced(clean_pct, plan), plan)
+        seconds.setdefault("romer_reprofiled", []).append(time.perf_counter() - t1)
+        rows.setdefault("romer_reprofiled", []).append(perplexity(exp.model, exp.adapter, eval_w, e.batch_size,
+                                                                  exp.device, exp.routing_plan(plan, maps)))
+        replaced.setdefault("romer_reprofiled", []).append(plan["replaced"])
+        for a in alphas:  # ROMER+: the routers kept digital, refitted on this chip (romer.methods.router_refit)
+            name = f"router_refit_a{a:g}"
+            exp.params = with_params(exp, calibrate={"refit_alpha": a})
+            exp.set_state(seed)
+            t1 = time.perf_counter()
+            routing = router_plan(exp, "refit", calib_w, targets)
+            seconds.setdefault(name, []).append(time.perf_counter() - t1)
+            rows.setdefault(name, []).append(perplexity(exp.model, exp.adapter, eval_w, e.batch_size, exp.device,
+                                                        routing))
+            exp.params = base
+        print(f"seed {seed}: " + ", ".join(f"{n} {v[-1]:.3f}" for n, v in rows.items()))
+    out = {"ppl": {n: mean_ci(v) for n, v in rows.items()}, "reduction_vs_noisy": {}, "vs_romer": {},
+           "fit_seconds": {n: sum(v) / len(v) for n, v in seconds.items()}, "alphas": list(alphas),
+           "replaced_per_chip": {n: sum(v) / len(v) for n, v in replaced.items()}}
+    for n, v in rows.items():
+        if n != "noisy":
+            red, ci = paired_reduction(rows["noisy"], v)
+            out["reduction_vs_noisy"][n] = {"pct": red, "ci95": ci}
+        if n not in ("romer", "noisy"):
+            red, ci = paired_reduction(rows["romer"], v)
+            out["vs_romer"][n] = {"pct": red, "ci95": ci}  # positive: n better than ROMER
+    print("| method | PPL (mean over seeds) | reduction vs noisy, 95% CI | it vs ROMER, 95% CI |")
+    print("|---|---|---|---|")
+    for n in rows:
+        r, v = out["reduction_vs_noisy"].get(n), out["vs_romer"].get(n)
+        print(f"| {n} | {out['ppl'][n]['mean']:.3f} | "
+              + (f"{r['pct']:+.2f}% [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]" if r else "-") + " | "
+              + (f"{v['pct']:+.2f}% [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}]" if v else "-") + " |")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="builtin-validation")
@@ -117,6 +160,8 @@ def main(argv=None):
     ap.add_argument("--strategies", nargs="+", default=["copy_router", "split", "average"])
     ap.add_argument("--taus", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--percentiles", type=float, nargs="+", default=[5, 95, 25, 75, 10, 90, 1, 99])
+    ap.add_argument("--alphas", type=float, nargs="+", default=[1e-4, 1e-2, 1.0],
+                    help="ridge strengths of router_refit (part plus), relative to trace(X^T X) / H")
     ap.add_argument("--out", default="metrics/ablation.json")
     args = ap.parse_args(argv)
 
@@ -230,6 +275,9 @@ def main(argv=None):
 
     if "baselines" in args.parts:
         out["baselines"] = baselines(exp, args.seeds, eval_w, calib_w, clean_rec)
+
+    if "plus" in args.parts:
+        out["plus"] = plus(exp, args.seeds, eval_w, calib_w, clean_rec, args.alphas)
 
     if "methods" in args.parts:
         profile = profile_routing(exp, calib_w)

@@ -19,3 +19,21 @@ def test_degenerate_spread_shifts_only():
     clean = torch.tensor([[0.0, 2.0], [0.0, 2.0]])
     a, b = affine_map(noisy, clean)
     assert a.tolist() == [1.0, 2.0] and b.tolist() == [-1.0, -4.0]
+
+
+def test_temperature_and_shift_baselines_are_the_map_restricted():
+    """temperature: one scale per layer (pooled spans), no shift; shift: per-expert midpoints, no scale."""
+    import pytest
+
+    from romer.methods.calibration import FITS, calibrate_maps, shift_map, temperature_map
+
+    noisy = torch.tensor([[0.0, 1.0], [1.0, 4.0]])  # spans 1 and 3
+    clean = torch.tensor([[0.0, 4.0], [2.0, 6.0]])  # spans 4 and 4
+    a, b = temperature_map(noisy, clean)
+    assert a.tolist() == [2.0, 2.0] and b.tolist() == [0.0, 0.0]
+    a, b = shift_map(noisy, clean)
+    assert a.tolist() == [1.0, 1.0] and b.tolist() == [1.5, 1.5]
+    assert temperature_map(torch.zeros(3, 2), clean[:1].expand(3, 2))[0].tolist() == [1.0] * 3
+    assert FITS["percentile"] is affine_map
+    with pytest.raises(ValueError, match="unknown calibration fit 'typo'"):
+        calibrate_maps(None, None, None, 1, "cpu", {0: clean}, (5, 95), fit="typo")

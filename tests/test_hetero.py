@@ -24,3 +24,19 @@ def test_sensitive_experts_pick_the_largest_norms():
     picks = sensitive_experts(a, model, 0.125)  # 8 experts -> 1 per layer
     assert picks[0] == [5] and len(picks[1]) == 1
     assert {len(v) for v in sensitive_experts(a, model, 0.25).values()} == {2}
+
+
+def test_matched_budget_counts_experts_over_the_whole_model():
+    """per_layer=False: round(fraction x all experts), ranked together, so a budget of a fraction of
+    one expert per layer is not rounded up to a whole expert in every layer."""
+    model = build("olmoe")
+    a = get_adapter(model)
+    blocks = a.blocks(model)
+    with torch.no_grad():
+        for _, t in a.expert_tensors(blocks[1], 3):
+            t.mul_(10)
+    total = sum(a.num_experts(b) for b in blocks)
+    picks = sensitive_experts(a, model, 1 / total, per_layer=False)
+    assert picks[blocks[1].layer] == [3] and sum(map(len, picks.values())) == 1
+    assert sum(map(len, sensitive_experts(a, model, 1 / total).values())) == len(blocks)  # per layer: one each
+    assert sum(map(len, sensitive_experts(a, model, 0.4 / total, per_layer=False).values())) == 0

@@ -602,3 +602,45 @@ def test_compiled_kernels_do_not_cross_cpu_capabilities(tmp_path):
     assert third[1] == "True", third
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("romer-")) == sorted(
         {f"romer-{first[0].lower()}", "romer-avx2"})
+
+
+# ---- digital per-column calibration (the affine_columns baseline) ------------------------------------------
+def test_column_calibration_undoes_a_per_column_gain_error_linear_and_grouped():
+    """A gain error per output column (what a chip's digital periphery calibrates) is fitted from the
+    periphery's outputs against the clean weights' exact outputs, and undone; other columns keep 1."""
+    cfg = periphery_config(IO, out_noise=0.0)
+    lin = linear(48, 24)
+    aw = analog(lin, tile=(16, 16))
+    gains = torch.linspace(0.6, 1.4, 24)
+    with torch.no_grad():
+        lin.weight.mul_(gains[:, None])
+    per = Periphery(aw, cfg).install(lin)
+    per.reseed(0)
+    per.enabled = True
+    x_fit, x = inputs(512, 48, seed=2), inputs(64, 48, seed=3)
+    ideal = F.linear(x, aw.clean("w"))
+    with torch.no_grad():
+        before = lin(x)
+        per.start_column_fit()
+        lin(x_fit)
+        g, c = per.finish_column_fit()["w"]
+        after = lin(x)
+    per.remove()
+    assert torch.allclose(g[0], 1 / gains, rtol=0.02) and c.abs().max() < 0.05
+    assert out_rel_err(after, ideal) < 0.05 < out_rel_err(before, ideal)
+
+    w, aw = fused(noise=no_noise())
+    with torch.no_grad():
+        w[2].mul_(gains[:, None])  # one expert's columns are off
+    counts = [40, 0, 50, 30]
+    x = inputs(sum(counts), 48, seed=4)
+    per = Periphery(aw, cfg)
+    per.reseed(0)
+    per.start_column_fit()
+    grouped(per, x, w, counts)
+    fit = per.finish_column_fit()["e"][0]
+    assert torch.allclose(fit[2], 1 / gains, rtol=0.02)
+    assert torch.allclose(fit[0], torch.ones(24), atol=0.02) and fit[1].tolist() == [1.0] * 24  # no rows: kept
+    y = grouped(per, x, w, counts)
+    ideal = torch._grouped_mm(x, aw.clean("e").transpose(-2, -1), offs=torch.cumsum(torch.tensor(counts), 0).int())
+    assert out_rel_err(y[40:90], ideal[40:90]) < 0.05

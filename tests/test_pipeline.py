@@ -80,9 +80,13 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
         assert f"'{stage}'" in r.stdout, r.stdout[-2000:]
     ev = json.loads((tmp_path / "metrics/eval.json").read_text())
     assert ev["seeds"] == [0, 1]
-    for m in ("noisy", "replace_only", "calibrate_only", "romer"):
+    for m in ("noisy", "replace_only", "calibrate_only", "temperature_only", "affine_columns", "romer"):
         s = ev["ppl"][m]
         assert len(s["per_seed"]) == 2 and s["ci95"][0] <= s["mean"] <= s["ci95"][1]
+    # ROMER against every other method, paired per chip
+    assert set(ev["romer_vs"]) == set(ev["ppl"]) - {"clean", "noisy", "romer"}
+    vs = ev["romer_vs"]["temperature_only"]
+    assert vs["ci95"][0] <= vs["pct"] <= vs["ci95"][1]
     assert ev["ppl"]["clean"] > 1
     assert ev["noise"]["source"] == "pcm-joshi2020" and ev["noise"]["prog_scale"] == ev["noise"]["read_scale"] == 3.0
     assert ev["noise"]["drift_scale"] == 1.0 and ev["noise"]["t_inference_s"] == 86400.0
@@ -193,7 +197,9 @@ def test_dvc_repro_tiny_pipeline(tmp_path):
     run(["dvc", "repro", "dvc.yaml"], tmp_path, timeout=900)  # eval.tasks changed: evaluate reruns
     run(["dvc", "repro", "beyond/dvc.yaml"], tmp_path, timeout=1200)
     sweep = json.loads((tmp_path / "metrics/sweep.json").read_text())
-    assert sweep["scale"] == [4.0] and len(sweep["noisy"]) == len(sweep["romer"]) == 1
+    assert sweep["scale"] == [4.0] and len(sweep["noisy"]) == len(sweep["romer"]) == len(sweep["temperature_only"]) == 1
+    lo, hi = sweep["romer_vs_temperature_ci95"][0]
+    assert lo <= sweep["romer_vs_temperature_pct"][0] <= hi
     point = json.loads((tmp_path / "metrics/sweep/scale_4.json").read_text())["noise"]
     assert point["strength"] == 4.0 and point["prog_scale"] == point["read_scale"] == 12.0  # 4 x noise.*_scale
     assert point["drift_scale"] == 1.0

@@ -40,3 +40,17 @@ def test_testbed_doc_without_its_markers_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="testbed-families:start"):
         update_testbed_doc(doc, tmp_path / "model", tmp_path / "families", tmp_path / "none.json")
     assert doc.read_text() == "no markers\n"
+
+
+def test_testbed_doc_keeps_the_rows_of_models_not_on_disk(tmp_path):
+    """After `make repro` alone only the default model exists: the family rows of `make beyond` stay."""
+    doc = tmp_path / "testbed.md"
+    doc.write_text("<!-- testbed-families:start -->\n| model | x |\n|---|---|\n| default (OLMoE-like) | stale |\n"
+                   "| qwen2_moe (Qwen2-MoE-like) | kept |\n| deepseek_moe (DeepSeek-MoE-like) | kept too |\n"
+                   "<!-- testbed-families:end -->\n")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "builtin_report.json").write_text(json.dumps(_report("olmoe", 4, 2, [[0.25] * 4])))
+    update_testbed_doc(doc, tmp_path / "model", tmp_path / "families", tmp_path / "none.json")
+    rows = [r for r in doc.read_text().splitlines() if r.startswith("| ") and "-like)" in r]
+    assert [r.split(" ")[1] for r in rows] == ["default", "deepseek_moe", "qwen2_moe"]
+    assert "stale" not in doc.read_text() and "| kept |" in rows[2] and "| kept too |" in rows[1]

@@ -10,22 +10,23 @@ from __future__ import annotations
 from romer.evaluation.measure import mean_ci, paired_reduction, perplexity, routing_report
 from romer.moe.routing import Recorder
 from romer.pipeline.experiment import with_strength
-from romer.pipeline.stages import chip_plan, clean_percentiles, clean_replaced
+from romer.pipeline.stages import chip_plan, clean_percentiles, clean_replaced, clean_router_targets, router_plan
 
 
-def _eval(exp, seed, eval_w, plan=None, maps=None, clean_rec=None, t=None):
+def _eval(exp, seed, eval_w, plan=None, maps=None, clean_rec=None, t=None, routing=None):
     exp.set_state(seed, plan, t_inference_s=t)
     rec = Recorder(indices=True)
     ppl = perplexity(exp.model, exp.adapter, eval_w, exp.params.eval.batch_size, exp.device,
-                     exp.routing_plan(plan, maps), rec)
+                     exp.routing_plan(plan, maps) if routing is None else routing, rec)
     rep = routing_report(rec, exp.num_experts, exp.params.replace.tau, clean_rec)
     return ppl, rep["mean"]
 
 
-def _calibrated(exp, seed, plan, calib_w, clean_pct, t=None):
-    """Percentile maps of chip `seed` with its replacement `plan` programmed in, read at time t."""
+def _calibrated(exp, seed, plan, calib_w, clean_pct, t=None, fit="percentile"):
+    """Logit maps of chip `seed` with its replacement `plan` programmed in, read at time t (`fit`:
+    romer.methods.calibration.FITS; the replicas' targets only where a plan is given)."""
     exp.set_state(seed, plan, t_inference_s=t)
-    return exp.calibrate(calib_w, clean_replaced(clean_pct, plan), plan)
+    return exp.calibrate(calib_w, clean_replaced(clean_pct, plan) if plan else clean_pct, plan, fit=fit)
 
 
 def _summary(per_seed: dict, names, seeds):
@@ -36,24 +37,34 @@ def _summary(per_seed: dict, names, seeds):
 
 
 def sweep_point(exp, calib_w, eval_w, clean_ppl, clean_rec, scale) -> dict:
-    """Noisy and ROMER PPL (and load CV, routing agreement) at one noise strength (a multiplier of
-    noise.prog_scale and noise.read_scale)."""
+    """Noisy, ROMER, ROMER+ and the temperature baseline's PPL (and load CV, routing agreement) at one
+    noise strength (a multiplier of noise.prog_scale and noise.read_scale), ROMER paired against the
+    temperature baseline."""
     exp.params = with_strength(exp.params, scale)
     seeds = exp.params.eval.seeds
     clean_pct = clean_percentiles(exp, calib_w)
+    targets = clean_router_targets(exp, calib_w)
     per_seed, replaced = {}, []
     for s in seeds:
         noisy = _eval(exp, s, eval_w, clean_rec=clean_rec)
         plan = chip_plan(exp, s, calib_w)
         replaced.append(plan["replaced"])
         maps = _calibrated(exp, s, plan, calib_w, clean_pct)
-        per_seed[s] = {"noisy": noisy, "romer": _eval(exp, s, eval_w, plan, maps, clean_rec)}
+        temp = _calibrated(exp, s, None, calib_w, clean_pct, fit="temperature")
+        per_seed[s] = {"noisy": noisy, "temperature_only": _eval(exp, s, eval_w, None, temp, clean_rec),
+                       "romer": _eval(exp, s, eval_w, plan, maps, clean_rec)}
+        exp.set_state(s)
+        per_seed[s]["romer_plus"] = _eval(exp, s, eval_w, clean_rec=clean_rec,
+                                          routing=router_plan(exp, "refit", calib_w, targets))
     exp.restore()
-    ppl, lb = _summary(per_seed, ("noisy", "romer"), seeds)
+    ppl, lb = _summary(per_seed, ("noisy", "temperature_only", "romer", "romer_plus"), seeds)
     red, red_ci = paired_reduction(ppl["noisy"]["per_seed"], ppl["romer"]["per_seed"])
+    vs_t, vs_t_ci = paired_reduction(ppl["temperature_only"]["per_seed"], ppl["romer"]["per_seed"])
+    plus, plus_ci = paired_reduction(ppl["noisy"]["per_seed"], ppl["romer_plus"]["per_seed"])
     return {"scale": scale, "seeds": list(seeds), "replaced_experts_per_chip": sum(replaced) / len(replaced),
             "ppl": {"clean": clean_ppl, **ppl}, "ppl_reduction_pct": red, "ppl_reduction_ci95": red_ci,
-            "load_balance": lb}
+            "romer_vs": {"temperature_only": {"pct": vs_t, "ci95": vs_t_ci}},
+            "romer_plus_reduction_pct": plus, "romer_plus_reduction_ci95": plus_ci, "load_balance": lb}
 
 
 def drift_curve(exp, calib_w, eval_w, clean_rec, times) -> dict:

@@ -137,6 +137,11 @@ class Periphery(TorchFunctionMode):
         self._abs = {}
         self._depth = 0
         self._hooks = []
+        # Digital per-column calibration (the affine_columns baseline): {name: (gain, offset) [M, out]}
+        # applied to every analog matmul's output, and the sums it is fitted from while `_fit` is set.
+        self.column_affine = None
+        self._fit = None
+        self._clean_dev = {}
 
     # ---- state -----------------------------------------------------------------------------
     def reseed(self, seed: int):
@@ -188,6 +193,66 @@ class Periphery(TorchFunctionMode):
         pool = self._pools[str(like.device)]
         r = int(torch.randint(0, 1 << k, (1,), generator=gen, device=like.device))
         return pool[r:r + n].view(shape)
+
+    # ---- digital per-column calibration ---------------------------------------------------
+    def start_column_fit(self):
+        """Collect, per output column of every analog matrix, the sums of its gain calibration
+        (y: the periphery's output, y_ideal: the clean weights' exact output for the same input),
+        until finish_column_fit. What a chip's digital periphery calibrates per column."""
+        self._fit, self.column_affine = {}, None
+
+    def finish_column_fit(self) -> dict:
+        """Per column, the gain a and offset b of y ~ a y_ideal + b (least squares), inverted into the
+        digital correction (y - b) / a, installed and returned as (gain 1/a, offset -b/a) [M, out].
+        Regressing y on y_ideal, not the reverse, keeps the correction unbiased: the reverse (the
+        MSE-optimal Wiener gain) shrinks every output by its noise share, and measured on validation
+        that shrinkage compounds through the layers to a PPL worse than no repair
+        (docs/ablation.md). A column with no rows or no ideal-output variance keeps gain 1, offset 0."""
+        out = {}
+        for name, (n, sy, st, stt, syt) in self._fit.items():
+            nn = n.clamp(min=1)
+            my, mt = sy / nn, st / nn
+            var_t, cov = stt / nn - mt * mt, syt / nn - my * mt
+            ok = (n > 1) & (var_t > 1e-12 * (stt / nn).clamp(min=1e-300)) & (cov.abs() > 1e-12 * var_t)
+            a = torch.where(ok, cov / torch.where(ok, var_t, torch.ones_like(var_t)), torch.ones_like(var_t))
+            b = torch.where(ok, my - a * mt, torch.zeros_like(my))
+            out[name] = ((1 / a).float(), (-b / a).float())
+        self._fit, self._clean_dev = None, {}
+        self.column_affine = out
+        return out
+
+    def _clean_view(self, rec, w):
+        """The clean weights, viewed exactly as `w` views the analog tensor (same shape and strides)."""
+        c = self._clean_dev.get(rec.name)
+        if c is None:
+            c = self._clean_dev[rec.name] = self.weights.clean(rec.name).to(w.device, w.dtype).contiguous()
+        if not rec.tensor.is_contiguous():
+            raise RuntimeError(f"periphery: column calibration needs {rec.name} contiguous")
+        return c.as_strided(w.size(), w.stride(), w.storage_offset() - rec.tensor.storage_offset())
+
+    def _columns(self, rec, y, ideal, idx, M):
+        """Per-column step on y [N, out] of matrices idx (an int for a whole matmul, or [N] row ->
+        matrix): accumulate the fit's sums against `ideal` (a thunk), or apply the installed affine."""
+        if self._fit is not None:
+            t = ideal().double()
+            yd = y.double()
+            sums = self._fit.get(rec.name)
+            if sums is None:
+                z = torch.zeros((M, y.shape[-1]), dtype=torch.float64, device=y.device)
+                sums = self._fit[rec.name] = [torch.zeros((M, 1), dtype=torch.float64, device=y.device)] + [
+                    z.clone() for _ in range(4)]
+            terms = (torch.ones_like(yd[:, :1]), yd, t, t * t, yd * t)
+            for acc, v in zip(sums, terms):
+                if isinstance(idx, int):
+                    acc[idx] += v.sum(0)
+                else:
+                    acc.index_add_(0, idx, v)
+            return y
+        if self.column_affine is not None and rec.name in self.column_affine:
+            g, c = self.column_affine[rec.name]
+            g, c = g.to(y.device), c.to(y.device)
+            return y * g[idx] + c[idx]
+        return y
 
     # ---- installation ----------------------------------------------------------------------
     def install(self, model: torch.nn.Module):
@@ -273,6 +338,9 @@ class Periphery(TorchFunctionMode):
             y = torch.empty((x2.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
             for r0 in range(0, x2.shape[0], ROW_CHUNK):
                 y[r0:r0 + ROW_CHUNK] = self._mvm(x2[r0:r0 + ROW_CHUNK], mm, scale_of, table.shape[0], w.shape[-1])
+        if self._fit is not None or self.column_affine is not None:
+            M = rec.tensor.numel() // (n_out * n_in)
+            y = self._columns(rec, y, lambda: x2.to(w.dtype) @ self._clean_view(rec, w).t(), m, M).to(x.dtype)
         y = y.reshape(*shape[:-1], w.shape[0])
         return y if bias is None else y + bias
 
@@ -305,6 +373,11 @@ class Periphery(TorchFunctionMode):
 
             y = self._mvm(xs, mm, lambda rows, t, ex=ex: (table[t], ex if rows is None else ex[rows]),
                           nt, w_t.shape[-2], grouped=True)
+            if self._fit is not None or self.column_affine is not None:
+                def ideal(xs=xs, ex=ex):
+                    o = torch.cumsum(torch.bincount(ex, minlength=E), 0).to(torch.int32)
+                    return torch._grouped_mm(xs.to(w_t.dtype).contiguous(), self._clean_view(rec, w_t), offs=o)
+                y = self._columns(rec, y, ideal, ex, E)
             mask = self.weights.digital_mask(rec.name)
             if mask is not None and bool(mask[ex].any()):
                 o = torch.cumsum(torch.bincount(ex, minlength=E), 0).to(torch.int32)

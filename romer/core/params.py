@@ -222,6 +222,9 @@ class CalibrateParams(_Section):
     percentiles: tuple[float, float] = (5.0, 95.0)
     mode: Literal["per_chip", "expected"] = "per_chip"
     layerwise: bool = True
+    # romer_plus: ridge strength of the per-chip router refit, relative to trace(X^T X) / hidden size
+    # (romer.methods.router_refit; chosen on validation, benchmarks/results/ablation_plus.json)
+    refit_alpha: float = Field(1e-4, ge=0, allow_inf_nan=False)
 
     @field_validator("percentiles", mode="before")
     @classmethod

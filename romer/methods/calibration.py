@@ -38,6 +38,28 @@ def affine_map(noisy: torch.Tensor, clean: torch.Tensor):
     return a, b
 
 
+def temperature_map(noisy: torch.Tensor, clean: torch.Tensor):
+    """One scale per layer, no shift: the pooled percentile span ratio (clean / noisy) over all
+    experts. The trivial baseline a router temperature gives, fitted on the same statistics."""
+    n_span = (noisy[:, 1] - noisy[:, 0]).sum()
+    c_span = (clean[:, 1] - clean[:, 0]).sum()
+    scale = c_span / n_span if n_span.abs() > 1e-12 else torch.ones_like(n_span)
+    a = scale.expand(noisy.shape[0]).clone()
+    return a, torch.zeros_like(a)
+
+
+def shift_map(noisy: torch.Tensor, clean: torch.Tensor):
+    """Per-expert shift, no scale: the percentile midpoints moved onto the clean ones (selection
+    only, the spread left as it is)."""
+    a = torch.ones(noisy.shape[0], dtype=noisy.dtype)
+    return a, clean.mean(dim=1) - noisy.mean(dim=1)
+
+
+# How the (a, b) of a layer are fitted from its noisy and clean percentiles: ROMER's per-expert map,
+# and the two trivial baselines it must beat (a temperature, a shift).
+FITS = {"percentile": affine_map, "temperature": temperature_map, "shift": shift_map}
+
+
 def make_transform(a: torch.Tensor, b: torch.Tensor):
     cache = {}
 
@@ -73,13 +95,17 @@ def compose(transform=None, mask=None, post=None) -> LayerRouting:
 
 
 def calibrate_maps(model, adapter, windows, batch_size, device, clean_pct: dict, pcts, layerwise=True,
-                   replacement_fns=None, instances=(None,)) -> dict:
+                   replacement_fns=None, instances=(None,), fit="percentile") -> dict:
     """Affine maps {layer: (a, b)} that send noisy percentiles onto `clean_pct` {layer: [E, 2]}.
 
     `instances` are callables that put the model into each noisy state whose statistics are pooled
     (per_chip: the single current state, given as None; expected: one callable per calib seed).
-    The percentiles are averaged over instances. `replacement_fns`: {layer: (mask, post)}.
+    The percentiles are averaged over instances. `replacement_fns`: {layer: (mask, post)}. `fit`: a
+    key of FITS.
     """
+    if fit not in FITS:
+        raise ValueError(f"unknown calibration fit {fit!r}; expected one of {sorted(FITS)}")
+    fit_fn = FITS[fit]
     replacement_fns = replacement_fns or {}
     layers = sorted(clean_pct)
     maps = {}
@@ -104,5 +130,5 @@ def calibrate_maps(model, adapter, windows, batch_size, device, clean_pct: dict,
             p = {layer: percentiles(got[layer], *pcts) for layer in group}
             acc = p if acc is None else {k: acc[k] + p[k] for k in group}
         for layer in group:
-            maps[layer] = affine_map(acc[layer] / len(instances), clean_pct[layer])
+            maps[layer] = fit_fn(acc[layer] / len(instances), clean_pct[layer])
     return maps

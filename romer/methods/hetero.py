@@ -31,16 +31,26 @@ def expert_max_neuron_norm(parts) -> float:
     return acc.sqrt().max().item()
 
 
-def sensitive_experts(adapter, model, fraction: float) -> dict:
-    """{layer: [expert indices]}: the ceil(fraction * E) experts per MoE layer with the largest
-    maximum neuron norm (computed on the clean weights)."""
-    out = {}
+def sensitive_experts(adapter, model, fraction: float, per_layer: bool = True) -> dict:
+    """{layer: [expert indices]} kept digital, by the largest maximum neuron norm (on the clean weights).
+
+    per_layer: ceil(fraction * E) experts in every MoE layer (the paper's fixed fractions). Otherwise
+    round(fraction * all routed experts) experts over the whole model, ranked together: the budget
+    matched to ROMER's, which rewrites a fraction of one expert per layer on average, and would be
+    rounded up to a whole expert in every layer per layer.
+    """
+    scores = {}
     for b in adapter.blocks(model):
-        E = adapter.num_experts(b)
-        k = min(E, math.ceil(fraction * E - 1e-9))
-        if k <= 0:
-            out[b.layer] = []
-            continue
-        scores = [expert_max_neuron_norm(adapter.expert_tensors(b, e)) for e in range(E)]
-        out[b.layer] = sorted(int(i) for i in torch.tensor(scores).argsort(descending=True)[:k])
-    return out
+        scores[b.layer] = [expert_max_neuron_norm(adapter.expert_tensors(b, e)) for e in range(adapter.num_experts(b))]
+    if per_layer:
+        out = {}
+        for layer, sc in scores.items():
+            k = min(len(sc), math.ceil(fraction * len(sc) - 1e-9))
+            out[layer] = sorted(int(i) for i in torch.tensor(sc).argsort(descending=True)[:k]) if k > 0 else []
+        return out
+    flat = sorted(((s, layer, e) for layer, sc in scores.items() for e, s in enumerate(sc)), key=lambda t: -t[0])
+    n = round(fraction * len(flat))
+    out = {layer: [] for layer in scores}
+    for _, layer, e in flat[:n]:
+        out[layer].append(e)
+    return {layer: sorted(ex) for layer, ex in out.items()}

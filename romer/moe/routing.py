@@ -19,9 +19,11 @@ from romer.moe.adapters import Adapter
 class LayerRouting:
     """What to do in one MoE layer. Every field is optional."""
 
-    def __init__(self, transform: Optional[Callable] = None, post: Optional[Callable] = None):
+    def __init__(self, transform: Optional[Callable] = None, post: Optional[Callable] = None,
+                 logits_fn: Optional[Callable] = None):
         self.transform = transform  # logits [T, E] -> logits [T, E]
         self.post = post  # (weights, indices, logits) -> (weights, indices)
+        self.logits_fn = logits_fn  # router input [..., H] -> logits [T, E], in place of the router's own
 
 
 class Recorder:
@@ -69,6 +71,8 @@ def routed(model, adapter: Adapter, plan: Optional[dict] = None, recorder: Optio
 
         def hook(module, args, output, layer=block.layer, lr=lr, n_experts=adapter.num_experts(block)):
             raw = adapter.router_logits(module, args, output)
+            if lr is not None and lr.logits_fn is not None:  # a digital router replaces the module's logits
+                raw = lr.logits_fn(args[0]).to(raw.dtype)
             logits = lr.transform(raw) if lr is not None and lr.transform is not None else raw
             weights, indices = adapter.route(module, logits)
             to_model = indices

@@ -137,6 +137,7 @@ class Experiment:
         kinds = self.analog_kinds if kinds is None else kinds
         if self.periphery is not None:
             self.periphery.enabled = seed is not None
+            self.periphery.column_affine = None  # a column calibration belongs to one method's pass
         # The weights are a pure function of this key, so an unchanged key needs no new noise pass.
         key = json.dumps([seed, plan["layers"] if edit else None, plan["strategy"] if edit else None, scale,
                           t_inference_s, n.model_dump(), sorted(kinds), digital], sort_keys=True, default=str)
@@ -159,6 +160,26 @@ class Experiment:
                     self._keep_digital(digital)
         self._seed = seed
         self.restart_periphery()
+
+    def fit_columns(self, windows) -> dict:
+        """Digital per-column affine calibration of every analog matmul in the current noisy state
+        (the affine_columns baseline): one pass over `windows`, each column's output regressed onto
+        the clean weights' exact output for the same input. Installed until the next set_state."""
+        if self.periphery is None:
+            raise UserError("affine_columns calibrates the periphery's outputs: it needs cim.periphery.preset "
+                            "other than ideal")
+        c = self.params.calib
+        self.periphery.start_column_fit()
+        try:
+            with torch.no_grad():
+                for i in range(0, windows.shape[0], c.batch_size):
+                    self.model(windows[i:i + c.batch_size].to(self.device), use_cache=False)
+        except BaseException:
+            self.periphery._fit = None
+            raise
+        fit = self.periphery.finish_column_fit()
+        self.restart_periphery()
+        return fit
 
     def restart_periphery(self):
         """Restart the periphery's noise stream of the current chip, so that every measurement pass
@@ -227,11 +248,12 @@ class Experiment:
         self.restart_periphery()
         return {layer: percentiles(got[layer], *self.params.calibrate.percentiles) for layer in self.layers}
 
-    def calibrate(self, windows, clean_pct, plan=None, instances=(None,)) -> dict:
-        """Affine logit maps for the current noisy state (per_chip) or pooled over `instances`."""
+    def calibrate(self, windows, clean_pct, plan=None, instances=(None,), fit="percentile") -> dict:
+        """Affine logit maps for the current noisy state (per_chip) or pooled over `instances`; `fit`
+        names how they are fitted (romer.methods.calibration.FITS)."""
         c, cal = self.params.calib, self.params.calibrate
         maps = calibrate_maps(self.model, self.adapter, windows, c.batch_size, self.device, clean_pct,
                               cal.percentiles, layerwise=cal.layerwise,
-                              replacement_fns=self.replacement_fns(plan), instances=instances)
+                              replacement_fns=self.replacement_fns(plan), instances=instances, fit=fit)
         self.restart_periphery()
         return maps

@@ -21,10 +21,10 @@ from romer.moe.routing import Recorder
 from romer.reporting.summary import SUMMARY_JSON, headline
 
 
-def _record_routing(exp, windows, plan=None):
+def _record_routing(exp, windows, plan=None, maps=None):
     rec = Recorder(indices=True)
     perplexity(exp.model, exp.adapter, windows, exp.params.calib.batch_size, exp.device,
-               exp.routing_plan(plan), rec)
+               exp.routing_plan(plan, maps), rec)
     return rec
 
 
@@ -154,16 +154,27 @@ def compute_percentiles(exp, plan, windows) -> dict:
 
 
 # ---- evaluate -----------------------------------------------------------------------------------
-def method_specs(modes=("per_chip",), hetero=None, analog=()):
+def method_specs(modes=("per_chip",), hetero=None, analog=(), columns=False):
     """{method name: spec}. A spec says which replacement plan is programmed in (None; "chip": made
     from this noise instance's own routing profile on calibration data; "expected": the replace
-    stage's plan from other instances), which calibration runs (None, per_chip or expected), and for
-    the heterogeneous baseline which analog kinds get noise and which experts stay digital."""
+    stage's plan from other instances), which calibration runs (None, per_chip or expected) and how it
+    is fitted (`fit`, default the percentile map), and for the heterogeneous baseline which analog
+    kinds get noise and which experts stay digital. columns: add `affine_columns`, the digital
+    per-column calibration of every analog matmul (needs a periphery). The matched-budget `hetero_digital` also runs with
+    attention analog (`hetero_digital_attn_analog`): only then is its budget ROMER's, like for like."""
     plan_of = {"per_chip": "chip", "expected": "expected"}
     # Ordered so that methods sharing a weight state run back to back (one noise pass per state).
     specs = {"noisy": dict(plan=None, cal=None)}
     for mode in modes:
         specs["calibrate_only" if mode == modes[0] else f"calibrate_only_{mode}"] = dict(plan=None, cal=mode)
+    # the trivial baseline ROMER's calibration must beat: one router temperature per layer, per chip
+    specs["temperature_only"] = dict(plan=None, cal="per_chip", fit="temperature")
+    if columns:  # ... and the periphery's own per-column calibration, which acts on every matmul
+        specs["affine_columns"] = dict(plan=None, cal=None, columns=True)
+    # the routers kept digital with their clean matrices (a budget like ROMER's rewrites), and
+    # ROMER+: the routers kept digital and refitted per chip to the clean logits
+    specs["router_digital"] = dict(plan=None, cal=None, router="digital")
+    specs["romer_plus"] = dict(plan=None, cal=None, router="refit")
     specs["replace_only"] = dict(plan=plan_of[modes[0]], cal=None)
     for mode in modes:
         specs["romer" if mode == modes[0] else f"romer_{mode}"] = dict(plan=plan_of[mode], cal=mode)
@@ -171,6 +182,7 @@ def method_specs(modes=("per_chip",), hetero=None, analog=()):
     for name, digital in (hetero or {}).items():
         specs[name] = dict(plan=None, cal=None, kinds=no_attn, digital=digital)
         if name == "hetero_digital":
+            specs["hetero_digital_attn_analog"] = dict(plan=None, cal=None, digital=digital)
             specs["hetero_digital_romer"] = dict(plan=plan_of[modes[0]], cal=modes[0], kinds=no_attn,
                                                  digital=digital)
     return specs
@@ -182,26 +194,55 @@ def plan_from_report(rep: dict, r, slot_noise=None) -> dict:
                      slot_noise=slot_noise, placement=r.placement)
 
 
-def chip_plan(exp, seed, calib_w) -> dict:
-    """Replacement plan of one chip: its own expert load on the calibration data under its noise."""
+def chip_plan(exp, seed, calib_w, maps=None) -> dict:
+    """Replacement plan of one chip: its own expert load on the calibration data under its noise
+    (routed through the logit `maps` where given: the experts still cold after calibration)."""
     exp.set_state(seed)
     noise = exp.expert_array_noise(seed) if exp.params.replace.placement == "least_noisy" else None
-    rec = _record_routing(exp, calib_w)
+    rec = _record_routing(exp, calib_w, maps=maps)
     exp.restart_periphery()
     return plan_from_report(routing_report(rec, exp.num_experts, exp.params.replace.tau), exp.params.replace,
                             slot_noise=noise)
 
 
-def evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, specs=None, modes=("per_chip",), bar=None):
+def clean_router_targets(exp, calib_w) -> dict:
+    """What the router methods need from the clean model: its router matrices and its router logits
+    on the calibration windows (romer.methods.router_refit)."""
+    from romer.methods.calibration import collect_logits
+    from romer.methods.router_refit import clean_routers
+
+    exp.set_state(None)
+    return {"w": clean_routers(exp.model, exp.adapter),
+            "logits": collect_logits(exp.model, exp.adapter, calib_w, exp.params.calib.batch_size, exp.device)}
+
+
+def router_plan(exp, kind, calib_w, targets) -> dict:
+    """The routing plan of a router method in the current noisy state: `digital` (clean matrices) or
+    `refit` (ridge refit on this chip, calibrate.refit_alpha)."""
+    from romer.methods.router_refit import clean_router_plan, refit_routers
+
+    if kind == "digital":
+        return clean_router_plan(targets["w"])
+    plan = refit_routers(exp.model, exp.adapter, calib_w, exp.params.calib.batch_size, exp.device,
+                         targets["logits"], targets["w"], exp.params.calibrate.refit_alpha)
+    exp.restart_periphery()
+    return plan
+
+
+def evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, specs=None, modes=("per_chip",), bar=None,
+                  router_targets=None):
     """PPL and routing report of each method on one noise instance. Raises on any failure.
 
     plan: the replace stage's (expected) plan; the per-chip plan is made here when a method needs it.
+    router_targets: clean_router_targets, needed by the router methods (computed here if missing).
     bar: a tqdm bar over (seed, method) pairs, advanced after each method with its tokens/s.
     """
     p = exp.params
     specs = specs or method_specs(modes, analog=exp.analog_kinds)
     clean_pct = pct_from_json(pct["clean"])
     plans = {None: None, "expected": plan}
+    if any(sp.get("router") for sp in specs.values()) and router_targets is None:
+        router_targets = clean_router_targets(exp, calib_w)
     if any(sp["plan"] == "chip" for sp in specs.values()):
         plans["chip"] = chip_plan(exp, seed, calib_w)
     res = {}
@@ -212,16 +253,19 @@ def evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, specs=None, 
             slots = pairs_by_layer(state_plan)
             digital = {l: [e for e in ex if e not in {s for s, _ in slots.get(l, [])}] for l, ex in digital.items()}
         exp.set_state(seed, state_plan, kinds=sp.get("kinds"), digital=digital)
+        if sp.get("columns"):
+            exp.fit_columns(calib_w)
         maps = None
         if sp["cal"] == "per_chip":
             target = clean_replaced(clean_pct, state_plan) if state_plan else clean_pct
-            maps = exp.calibrate(calib_w, target, state_plan)
+            maps = exp.calibrate(calib_w, target, state_plan, fit=sp.get("fit", "percentile"))
         elif sp["cal"] == "expected":
             maps = maps_from_json(pct["expected"]["romer" if sp["plan"] else "calibrate_only"])
+        routing = (router_plan(exp, sp["router"], calib_w, router_targets) if sp.get("router")
+                   else exp.routing_plan(state_plan, maps))
         rec = Recorder(indices=True)
         t0 = time.perf_counter()
-        ppl = perplexity(exp.model, exp.adapter, eval_w, p.eval.batch_size, exp.device,
-                         exp.routing_plan(state_plan, maps), rec)
+        ppl = perplexity(exp.model, exp.adapter, eval_w, p.eval.batch_size, exp.device, routing, rec)
         if bar is not None:
             bar.set_postfix(seed=seed, method=name, ppl=f"{ppl:.2f}",
                             tok_s=f"{eval_w.numel() / (time.perf_counter() - t0):.0f}", refresh=False)
@@ -235,13 +279,14 @@ def evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, specs=None, 
 
 def hetero_budgets(exp, plan, fractions) -> dict:
     """Digital expert sets of the heterogeneous baseline: at ROMER's budget (the mean fraction of
-    experts it rewrites per chip) and at each fixed fraction of experts per layer."""
+    experts it rewrites per chip, as a count over the whole model) and at each fixed fraction of
+    experts per layer."""
     from romer.methods.hetero import sensitive_experts
 
     exp.set_state(None)
     out = {}
     if plan.get("budget_fraction", 0) > 0:
-        out["hetero_digital"] = sensitive_experts(exp.adapter, exp.model, plan["budget_fraction"])
+        out["hetero_digital"] = sensitive_experts(exp.adapter, exp.model, plan["budget_fraction"], per_layer=False)
     for f in fractions:
         out[f"hetero_digital_{100 * f:g}pct".replace(".", "p")] = sensitive_experts(exp.adapter, exp.model, f)
     return out
@@ -272,11 +317,14 @@ def run_evaluate(params, exp=None, log_mlflow=True) -> dict:
     clean_ppl = perplexity(exp.model, exp.adapter, eval_w, e.batch_size, exp.device, None, clean_rec,
                            desc="evaluate: clean")
     clean_routing = routing_report(clean_rec, exp.num_experts, params.replace.tau)
-    specs = method_specs(modes, hetero_budgets(exp, plan, e.hetero_fractions), exp.analog_kinds)
+    specs = method_specs(modes, hetero_budgets(exp, plan, e.hetero_fractions), exp.analog_kinds,
+                         columns=exp.periphery is not None)
+    targets = clean_router_targets(exp, calib_w)
     per_seed = {}
     with tqdm(total=len(e.seeds) * len(specs), desc="evaluate: seeds x methods", unit="method") as bar:
         for seed in e.seeds:
-            per_seed[seed] = evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, specs, bar=bar)
+            per_seed[seed] = evaluate_seed(exp, seed, eval_w, calib_w, plan, pct, clean_rec, specs, bar=bar,
+                                           router_targets=targets)
     exp.restore()
 
     names = list(per_seed[e.seeds[0]].keys())
@@ -312,6 +360,9 @@ def run_evaluate(params, exp=None, log_mlflow=True) -> dict:
         "ppl": ppl,
         "ppl_reduction_pct": red,
         "ppl_reduction_ci95": red_ci,
+        # ROMER against every other method, paired per chip (positive: ROMER has the lower PPL)
+        "romer_vs": {n: dict(zip(("pct", "ci95"), paired_reduction(ppl[n]["per_seed"], ppl["romer"]["per_seed"])))
+                     for n in names if n not in ("noisy", "romer")},
         "load_balance": load_balance,
         "cv_per_layer": cv_per_layer,
         "tasks": {},

@@ -19,9 +19,11 @@ METHOD_COLORS = {
     "clean": "#2ca02c", "noisy": "#7f7f7f", "romer": "#ff7f0e", "romer_expected": "#ffbb78",
     "calibrate_only": "#1f77b4", "calibrate_only_expected": "#aec7e8", "replace_only": "#9467bd",
     "hetero_digital": "#8c564b", "hetero_digital_romer": "#e377c2", "hetero_digital_12p5pct": "#bcbd22",
-    "hetero_digital_25pct": "#17becf",
+    "hetero_digital_25pct": "#17becf", "temperature_only": "#d62728", "hetero_digital_attn_analog": "#c49c94",
+    "affine_columns": "#c5b0d5",
+    "router_digital": "#393b79", "romer_plus": "#e6550d",
 }
-_EXTRA = ["#d62728", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5", "#c5b0d5"]
+_EXTRA = ["#f7b6d2", "#dbdb8d", "#9edae5", "#637939"]
 plt.rcParams.update({"axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
                      "grid.alpha": 0.3, "font.size": 9, "legend.frameon": False})
 
@@ -168,13 +170,18 @@ def plot_eval(ev: dict, out_dir) -> list[Path]:
 
 
 def plot_sweep(sw: dict, out_dir):
-    """PPL and load CV against the noise strength, noisy vs ROMER."""
+    """PPL and load CV against the noise strength: noisy, the temperature baseline (where the sweep has
+    it) and ROMER."""
     out_dir = Path(out_dir)
-    _csv(out_dir / "sweep.csv", ["scale", "noisy", "romer", "cv_noisy", "cv_romer"],
-         [[s, round(a, 4), round(b, 4), round(c, 5), round(d, 5)]
-          for s, a, b, c, d in zip(sw["scale"], sw["noisy"], sw["romer"], sw["cv_noisy"], sw["cv_romer"])])
+    temp = "temperature_only" in sw
+    _csv(out_dir / "sweep.csv", ["scale", "noisy", "romer", "cv_noisy", "cv_romer"] + ["temperature_only"] * temp,
+         [[s, round(a, 4), round(b, 4), round(c, 5), round(d, 5)] + [round(sw["temperature_only"][i], 4)] * temp
+          for i, (s, a, b, c, d) in enumerate(zip(sw["scale"], sw["noisy"], sw["romer"], sw["cv_noisy"],
+                                                  sw["cv_romer"]))])
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.3))
-    for key, label in (("noisy", "noisy"), ("romer", "ROMER")):
+    series = [("noisy", "noisy")] + [("temperature_only", "temperature only")] * temp + [("romer", "ROMER")] + [
+        ("romer_plus", "ROMER+ (router refit)")] * ("romer_plus" in sw)
+    for key, label in series:
         lo = [sw[key][i] - sw[f"{key}_ci95"][i][0] for i in range(len(sw["scale"]))]
         hi = [sw[f"{key}_ci95"][i][1] - sw[key][i] for i in range(len(sw["scale"]))]
         a1.errorbar(sw["scale"], sw[key], yerr=[lo, hi], marker="o", capsize=3, label=label, color=method_color(key))

@@ -12,7 +12,13 @@ LABELS = {
     "noisy": "noisy (no repair)",
     "replace_only": "replace only",
     "calibrate_only": "calibrate only",
+    "temperature_only": "temperature only (one scale per layer)",
+    "affine_columns": "affine columns (per-column digital calibration)",
     "romer": "ROMER (replace + calibrate)",
+    "router_digital": "routers digital (clean matrices)",
+    "romer_plus": "ROMER+ (routers digital, refitted per chip)",
+    "hetero_digital": "hetero digital (matched budget, attention digital)",
+    "hetero_digital_attn_analog": "hetero digital (matched budget, attention analog)",
 }
 
 
@@ -36,17 +42,22 @@ def eval_table(ev: dict) -> str:
     lb = ev["load_balance"]
     noisy = ev["ppl"]["noisy"]["mean"]
     lines = [
-        "| method | PPL (mean [95% CI]) | PPL reduction vs noisy | load CV | MaxVio | routing agreement |",
-        "|---|---|---|---|---|---|",
-        f"| clean | {ev['ppl']['clean']:.2f} | | {lb['clean']['cv']:.3f} | {lb['clean']['maxvio']:.3f} | 1.000 |",
+        "| method | PPL (mean [95% CI]) | PPL reduction vs noisy | ROMER vs it, paired [95% CI] | load CV | MaxVio "
+        "| routing agreement |",
+        "|---|---|---|---|---|---|---|",
+        f"| clean | {ev['ppl']['clean']:.2f} | | | {lb['clean']['cv']:.3f} | {lb['clean']['maxvio']:.3f} | 1.000 |",
     ]
     for name, s in ev["ppl"].items():
         if name == "clean":
             continue
         d = lb.get(name, {})
         change = "" if name == "noisy" else f"{100 * (noisy - s['mean']) / noisy:+.1f}%"
+        vs = (ev.get("romer_vs") or {}).get(name)
+        if name == "noisy":
+            vs = {"pct": ev["ppl_reduction_pct"], "ci95": ev["ppl_reduction_ci95"]}
+        vs = "" if vs is None else f"{vs['pct']:+.1f}% [{vs['ci95'][0]:+.1f}, {vs['ci95'][1]:+.1f}]"
         lines.append(
-            f"| {LABELS.get(name, name.replace('_', ' '))} | {_fmt_ci(s)} | {change} | {d.get('cv', float('nan')):.3f} "
+            f"| {LABELS.get(name, name.replace('_', ' '))} | {_fmt_ci(s)} | {change} | {vs} | {d.get('cv', float('nan')):.3f} "
             f"| {d.get('maxvio', float('nan')):.3f} | {d.get('routing_agreement', float('nan')):.3f} |"
         )
     lo, hi = ev["ppl_reduction_ci95"]
@@ -135,8 +146,9 @@ def testbed_table(reports: dict) -> str:
 def update_testbed_doc(doc="docs/testbed.md", model_dir="models/model", families_dir="models/families",
                        fragility_json="metrics/fragility.json"):
     """Refresh the generated blocks of docs/testbed.md: the models (from their training reports,
-    present after `make repro` and `make beyond`) and the fragility table. Missing inputs leave
-    their block as it is; returns the blocks refreshed."""
+    present after `make repro` and `make beyond`) and the fragility table. A model whose report is
+    absent keeps its row (after `make repro` alone only the default model is on disk); a missing
+    fragility file leaves its block as it is. Returns the blocks refreshed."""
     text = Path(doc).read_text()
     done = []
     reports = {}
@@ -147,13 +159,30 @@ def update_testbed_doc(doc="docs/testbed.md", model_dir="models/model", families
         if (d / "builtin_report.json").is_file():
             reports[d.name] = read_json(d / "builtin_report.json")
     if reports:
-        text = _replace_block(text, "testbed-families", testbed_table(reports), doc)
+        table = testbed_table(reports).splitlines()
+        head, fresh = table[:2], table[2:]
+        names = {_row_name(r) for r in fresh}
+        rows = fresh + [r for r in _block_rows(text, "testbed-families") if _row_name(r) not in names]
+        rows.sort(key=lambda r: (_row_name(r) != "default", _row_name(r)))
+        text = _replace_block(text, "testbed-families", "\n".join(head + rows), doc)
         done.append("testbed-families")
     if _exists(fragility_json):
         text = _replace_block(text, "fragility", fragility_table(read_json(fragility_json)), doc)
         done.append("fragility")
     write_text(doc, text)
     return done
+
+
+def _row_name(row: str) -> str:
+    """The model name of a testbed table row: `| deepseek_v3 (DeepSeek-V3-like) | ...` -> deepseek_v3."""
+    return row.strip("| ").split(" ", 1)[0]
+
+
+def _block_rows(text, marker) -> list[str]:
+    """The data rows (after the header and the rule) of a generated table block; [] when absent."""
+    m = re.search(rf"<!-- {marker}:start -->\n(.*?)<!-- {marker}:end -->", text, re.S)
+    rows = [r for r in (m.group(1).splitlines() if m else []) if r.startswith("|")]
+    return rows[2:]
 
 
 def _replace_block(text, marker, table, readme):
@@ -213,12 +242,22 @@ def write_report(path=BEYOND_REPORT_MD, beyond=True) -> str:
     if _exists("metrics/sweep.json"):
         sw = read_json("metrics/sweep.json")
         md += ["## Noise-strength sweep", "", "(strength: a multiplier of noise.prog_scale and noise.read_scale)", "",
-               "| strength | noisy PPL | ROMER PPL | PPL reduction by ROMER [95% CI] | CV noisy | CV ROMER |",
-               "|---|---|---|---|---|---|"]
+               "| strength | noisy PPL | temperature only PPL | ROMER PPL | PPL reduction by ROMER [95% CI] | "
+               "ROMER vs temperature only, paired [95% CI] | ROMER+ PPL (reduction [95% CI]) | CV noisy | CV ROMER |",
+               "|---|---|---|---|---|---|---|---|---|"]
         for i, s in enumerate(sw["scale"]):
             lo, hi = sw["reduction_ci95"][i]
-            md.append(f"| {s:g} | {sw['noisy'][i]:.2f} | {sw['romer'][i]:.2f} | {sw['reduction_pct'][i]:+.1f}% "
-                      f"[{lo:.1f}, {hi:.1f}] | {sw['cv_noisy'][i]:.3f} | {sw['cv_romer'][i]:.3f} |")
+            temp, vs = "-", "-"
+            if "temperature_only" in sw:
+                temp = f"{sw['temperature_only'][i]:.2f}"
+                vlo, vhi = sw["romer_vs_temperature_ci95"][i]
+                vs = f"{sw['romer_vs_temperature_pct'][i]:+.1f}% [{vlo:.1f}, {vhi:.1f}]"
+            plus = "-"
+            if "romer_plus" in sw:
+                plo, phi = sw["romer_plus_reduction_ci95"][i]
+                plus = f"{sw['romer_plus'][i]:.2f} ({sw['romer_plus_reduction_pct'][i]:+.1f}% [{plo:.1f}, {phi:.1f}])"
+            md.append(f"| {s:g} | {sw['noisy'][i]:.2f} | {temp} | {sw['romer'][i]:.2f} | {sw['reduction_pct'][i]:+.1f}% "
+                      f"[{lo:.1f}, {hi:.1f}] | {vs} | {plus} | {sw['cv_noisy'][i]:.3f} | {sw['cv_romer'][i]:.3f} |")
         md += ["", "![sweep](plots/sweep.png)", ""]
     if _exists("metrics/drift.json"):
         dr = read_json("metrics/drift.json")

@@ -48,7 +48,7 @@ def headline(ev: dict) -> dict:
     """The few numbers a reader wants first (metrics/summary.json and the MLflow parent run)."""
     rows = {r["method"]: r for r in method_rows(ev)}
     out = {"tokens": ev.get("tokens"), "seeds": len(ev.get("seeds") or [])}
-    for m in ("clean", "noisy", "romer"):
+    for m in ("clean", "noisy", "romer", "romer_plus"):
         if m in rows:
             out[f"ppl_{m}"] = round(rows[m]["ppl_mean"], 4)
     if "ppl_reduction_pct" in ev:
@@ -56,6 +56,8 @@ def headline(ev: dict) -> dict:
         lo, hi = ev.get("ppl_reduction_ci95", [None, None])
         out["romer_reduction_ci_lo"], out["romer_reduction_ci_hi"] = (
             None if lo is None else round(lo, 3), None if hi is None else round(hi, 3))
+    if "romer_plus" in rows and rows["romer_plus"]["reduction_pct"] is not None:
+        out["romer_plus_reduction_pct"] = round(rows["romer_plus"]["reduction_pct"], 3)
     for m in ("noisy", "romer"):
         if m in rows and rows[m]["load_cv"] is not None:
             out[f"load_cv_{m}"] = round(rows[m]["load_cv"], 4)
