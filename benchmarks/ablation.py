@@ -39,7 +39,7 @@ from romer.core.numerics import set_determinism
 from romer.pipeline.experiment import Experiment, with_strength
 from romer.core.io import write_json
 from romer.core.params import load_params
-from romer.pipeline.stages import compute_percentiles, evaluate_seed, profile_routing
+from romer.pipeline.stages import compute_percentiles, evaluate_seed, method_specs, profile_routing
 from romer.methods.replacement import make_plan
 from romer.moe.routing import Recorder
 
@@ -50,15 +50,40 @@ def with_params(exp, **sections):
     return exp.params.model_copy(update=upd)
 
 
+def compare(rows: dict) -> dict:
+    """{method: [PPL per seed]} -> mean and CI per method, each method's paired reduction against
+    noisy, and ROMER's against each method (`romer_vs`, as in eval.json: positive, ROMER is better);
+    prints them as a markdown table."""
+    out = {"ppl": {n: mean_ci(v) for n, v in rows.items()}, "reduction_vs_noisy": {}, "romer_vs": {}}
+    for n, v in rows.items():
+        if n != "noisy":
+            red, ci = paired_reduction(rows["noisy"], v)
+            out["reduction_vs_noisy"][n] = {"pct": red, "ci95": ci}
+        if n not in ("romer", "noisy"):
+            red, ci = paired_reduction(v, rows["romer"])
+            out["romer_vs"][n] = {"pct": red, "ci95": ci}
+
+    def cell(r):
+        return f"{r['pct']:+.2f}% [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]" if r else "-"
+
+    print("| method | PPL (mean over seeds) | reduction vs noisy, 95% CI | ROMER better by, 95% CI |")
+    print("|---|---|---|---|")
+    for n in rows:
+        print(f"| {n} | {out['ppl'][n]['mean']:.3f} | {cell(out['reduction_vs_noisy'].get(n))} | "
+              f"{cell(out['romer_vs'].get(n))} |")
+    return out
+
+
 def baselines(exp, seeds, eval_w, calib_w, clean_rec) -> dict:
     """Per chip: noisy, calibrate_only, temperature_only, replace_only, romer
     (romer.pipeline.stages.evaluate_seed) and shift_only (the percentile map restricted to a shift), paired."""
-    from romer.pipeline.stages import _pct_to_json, clean_percentiles, method_specs, pct_from_json
+    from romer.pipeline.stages import _pct_to_json, clean_percentiles, pct_from_json
 
     e = exp.params.eval
     pct = {"clean": _pct_to_json(clean_percentiles(exp, calib_w))}
     clean_pct = pct_from_json(pct["clean"])  # the targets evaluate_seed uses
-    specs = method_specs(("per_chip",))
+    specs = {n: sp for n, sp in method_specs(("per_chip",)).items()
+             if n in ("noisy", "calibrate_only", "temperature_only", "replace_only", "romer")}
     rows = {}
     for seed in seeds:
         got = evaluate_seed(exp, seed, eval_w, calib_w, None, pct, clean_rec, specs)
@@ -70,30 +95,14 @@ def baselines(exp, seeds, eval_w, calib_w, clean_rec) -> dict:
             rows.setdefault(name, []).append(perplexity(exp.model, exp.adapter, eval_w, e.batch_size, exp.device,
                                                         exp.routing_plan(None, maps)))
         print(f"seed {seed}: " + ", ".join(f"{n} {v[-1]:.3f}" for n, v in rows.items()))
-    out = {"ppl": {n: mean_ci(v) for n, v in rows.items()}, "reduction_vs_noisy": {}, "romer_vs": {}}
-    for n, v in rows.items():
-        if n != "noisy":
-            red, ci = paired_reduction(rows["noisy"], v)
-            out["reduction_vs_noisy"][n] = {"pct": red, "ci95": ci}
-        if n not in ("romer", "noisy"):
-            red, ci = paired_reduction(v, rows["romer"])
-            out["romer_vs"][n] = {"pct": red, "ci95": ci}  # positive: ROMER better than n
-    print("| method | PPL (mean over seeds) | reduction vs noisy, 95% CI | ROMER vs it, 95% CI |")
-    print("|---|---|---|---|")
-    for n in rows:
-        r = out["reduction_vs_noisy"].get(n)
-        v = out["romer_vs"].get(n)
-        print(f"| {n} | {out['ppl'][n]['mean']:.3f} | "
-              + (f"{r['pct']:+.2f}% [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]" if r else "-") + " | "
-              + (f"{v['pct']:+.2f}% [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}]" if v else "-") + " |")
-    return out
+    return compare(rows)
 
 
 def plus(exp, seeds, eval_w, calib_w, clean_rec, alphas) -> dict:
     """ROMER+ candidates on each chip, with ROMER and its baselines (romer.pipeline.stages.evaluate_seed)
     on the same chips, paired: romer_reprofiled, router_digital and the router refit at each alpha."""
     from romer.pipeline.stages import (_pct_to_json, chip_plan, clean_percentiles, clean_replaced, clean_router_targets,
-                                       method_specs, pct_from_json, router_plan)
+                                       pct_from_json, router_plan)
 
     e = exp.params.eval
     pct = {"clean": _pct_to_json(clean_percentiles(exp, calib_w))}
@@ -129,24 +138,8 @@ def plus(exp, seeds, eval_w, calib_w, clean_rec, alphas) -> dict:
                                                         routing))
             exp.params = base
         print(f"seed {seed}: " + ", ".join(f"{n} {v[-1]:.3f}" for n, v in rows.items()))
-    out = {"ppl": {n: mean_ci(v) for n, v in rows.items()}, "reduction_vs_noisy": {}, "vs_romer": {},
-           "fit_seconds": {n: sum(v) / len(v) for n, v in seconds.items()}, "alphas": list(alphas),
-           "replaced_per_chip": {n: sum(v) / len(v) for n, v in replaced.items()}}
-    for n, v in rows.items():
-        if n != "noisy":
-            red, ci = paired_reduction(rows["noisy"], v)
-            out["reduction_vs_noisy"][n] = {"pct": red, "ci95": ci}
-        if n not in ("romer", "noisy"):
-            red, ci = paired_reduction(rows["romer"], v)
-            out["vs_romer"][n] = {"pct": red, "ci95": ci}  # positive: n better than ROMER
-    print("| method | PPL (mean over seeds) | reduction vs noisy, 95% CI | it vs ROMER, 95% CI |")
-    print("|---|---|---|---|")
-    for n in rows:
-        r, v = out["reduction_vs_noisy"].get(n), out["vs_romer"].get(n)
-        print(f"| {n} | {out['ppl'][n]['mean']:.3f} | "
-              + (f"{r['pct']:+.2f}% [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]" if r else "-") + " | "
-              + (f"{v['pct']:+.2f}% [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}]" if v else "-") + " |")
-    return out
+    return {**compare(rows), "fit_seconds": {n: sum(v) / len(v) for n, v in seconds.items()}, "alphas": list(alphas),
+            "replaced_per_chip": {n: sum(v) / len(v) for n, v in replaced.items()}}
 
 
 def main(argv=None):
@@ -293,6 +286,9 @@ def main(argv=None):
             if pc != base_pct:
                 configs.append(dict(strategy=args.strategies[0], tau=args.taus[0], percentiles=pc, layerwise=True))
         configs.append(dict(strategy=args.strategies[0], tau=args.taus[0], percentiles=base_pct, layerwise=False))
+        # only the methods a replacement or calibration choice changes (the router methods do not)
+        specs = {n: sp for n, sp in method_specs(("per_chip",)).items()
+                 if n in ("noisy", "calibrate_only", "replace_only", "romer")}
         results = []
         for cfg in configs:
             t1 = time.time()
@@ -300,8 +296,7 @@ def main(argv=None):
                          calibrate={"percentiles": cfg["percentiles"], "layerwise": cfg["layerwise"]})
             plan = make_plan(profile["noisy_load"], cfg["tau"], exp.params.replace.max_per_layer, cfg["strategy"])
             pct = compute_percentiles(exp, plan, calib_w)
-            per_seed = {s: evaluate_seed(exp, s, eval_w, calib_w, plan, pct, clean_rec,
-                                         modes=("per_chip", "expected")) for s in args.seeds}
+            per_seed = {s: evaluate_seed(exp, s, eval_w, calib_w, plan, pct, clean_rec, specs) for s in args.seeds}
             names = list(per_seed[args.seeds[0]])
             ppl = {n: mean_ci([per_seed[s][n]["ppl"] for s in args.seeds]) for n in names}
             red = {n: paired_reduction(ppl["noisy"]["per_seed"], ppl[n]["per_seed"]) for n in names if n != "noisy"}
