@@ -10,23 +10,23 @@ from __future__ import annotations
 from romer.evaluation.measure import mean_ci, paired_reduction, perplexity, routing_report
 from romer.moe.routing import Recorder
 from romer.pipeline.experiment import with_strength
-from romer.pipeline.stages import chip_plan, clean_percentiles, clean_replaced, clean_router_targets, router_plan
+from romer.pipeline.stages import (_pct_to_json, chip_plan, clean_percentiles, clean_replaced, clean_router_targets,
+                                   evaluate_seed, method_specs)
 
 
-def _eval(exp, seed, eval_w, plan=None, maps=None, clean_rec=None, t=None, routing=None):
+def _eval(exp, seed, eval_w, plan=None, maps=None, clean_rec=None, t=None):
     exp.set_state(seed, plan, t_inference_s=t)
     rec = Recorder(indices=True)
     ppl = perplexity(exp.model, exp.adapter, eval_w, exp.params.eval.batch_size, exp.device,
-                     exp.routing_plan(plan, maps) if routing is None else routing, rec)
+                     exp.routing_plan(plan, maps), rec)
     rep = routing_report(rec, exp.num_experts, exp.params.replace.tau, clean_rec)
     return ppl, rep["mean"]
 
 
-def _calibrated(exp, seed, plan, calib_w, clean_pct, t=None, fit="percentile"):
-    """Logit maps of chip `seed` with its replacement `plan` programmed in, read at time t (`fit`:
-    romer.methods.calibration.FITS; the replicas' targets only where a plan is given)."""
+def _calibrated(exp, seed, plan, calib_w, clean_pct, t=None):
+    """Percentile maps of chip `seed` with its replacement `plan` programmed in, read at time t."""
     exp.set_state(seed, plan, t_inference_s=t)
-    return exp.calibrate(calib_w, clean_replaced(clean_pct, plan) if plan else clean_pct, plan, fit=fit)
+    return exp.calibrate(calib_w, clean_replaced(clean_pct, plan) if plan else clean_pct, plan)
 
 
 def _summary(per_seed: dict, names, seeds):
@@ -36,28 +36,25 @@ def _summary(per_seed: dict, names, seeds):
     return out, lb
 
 
+SWEEP_METHODS = ("noisy", "temperature_only", "romer", "romer_plus")
+
+
 def sweep_point(exp, calib_w, eval_w, clean_ppl, clean_rec, scale) -> dict:
     """Noisy, ROMER, ROMER+ and the temperature baseline's PPL (and load CV, routing agreement) at one
     noise strength (a multiplier of noise.prog_scale and noise.read_scale), ROMER paired against the
-    temperature baseline."""
+    temperature baseline. Each chip runs evaluate's own methods (evaluate_seed), a subset of them."""
     exp.params = with_strength(exp.params, scale)
     seeds = exp.params.eval.seeds
-    clean_pct = clean_percentiles(exp, calib_w)
+    pct = {"clean": _pct_to_json(clean_percentiles(exp, calib_w))}
+    specs = {n: sp for n, sp in method_specs(analog=exp.analog_kinds).items() if n in SWEEP_METHODS}
     targets = clean_router_targets(exp, calib_w)
     per_seed, replaced = {}, []
     for s in seeds:
-        noisy = _eval(exp, s, eval_w, clean_rec=clean_rec)
-        plan = chip_plan(exp, s, calib_w)
-        replaced.append(plan["replaced"])
-        maps = _calibrated(exp, s, plan, calib_w, clean_pct)
-        temp = _calibrated(exp, s, None, calib_w, clean_pct, fit="temperature")
-        per_seed[s] = {"noisy": noisy, "temperature_only": _eval(exp, s, eval_w, None, temp, clean_rec),
-                       "romer": _eval(exp, s, eval_w, plan, maps, clean_rec)}
-        exp.set_state(s)
-        per_seed[s]["romer_plus"] = _eval(exp, s, eval_w, clean_rec=clean_rec,
-                                          routing=router_plan(exp, "refit", calib_w, targets))
+        res = evaluate_seed(exp, s, eval_w, calib_w, None, pct, clean_rec, specs, router_targets=targets)
+        replaced.append(res["romer"]["replaced"])
+        per_seed[s] = {n: (r["ppl"], r["routing"]["mean"]) for n, r in res.items()}
     exp.restore()
-    ppl, lb = _summary(per_seed, ("noisy", "temperature_only", "romer", "romer_plus"), seeds)
+    ppl, lb = _summary(per_seed, SWEEP_METHODS, seeds)
     red, red_ci = paired_reduction(ppl["noisy"]["per_seed"], ppl["romer"]["per_seed"])
     vs_t, vs_t_ci = paired_reduction(ppl["temperature_only"]["per_seed"], ppl["romer"]["per_seed"])
     plus, plus_ci = paired_reduction(ppl["noisy"]["per_seed"], ppl["romer_plus"]["per_seed"])
