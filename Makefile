@@ -22,7 +22,8 @@ repro: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 
 # Beyond the paper (noise-scale sweep, drift over time, other MoE families, report); run after
-# `make repro`. About 90 minutes on 2 cores (numerical pins on), most of it training the three other families.
+# `make repro`. About 60 minutes on 2 cores (numerical pins on), most of it training the three other families
+# (~15 min each); the sweep and drift stages add ~30 minutes when they are not up to date.
 beyond: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro beyond/dvc.yaml
 
