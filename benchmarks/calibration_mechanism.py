@@ -1,30 +1,39 @@
 """Why percentile calibration helps some families and not others: split its effect into expert
-selection and expert weights.
+selection and expert weights, and measure the top-k weight mass it restores. VALIDATION split.
 
-For each noisy chip (seed), the per-chip calibration maps are made as in `evaluate`; then three
-routings are evaluated: the full calibration, "selection only" (experts chosen from the calibrated
-logits, weighted from the noisy ones) and "weights only" (experts chosen from the noisy logits,
-weighted from the calibrated ones). Weights are computed as each family does: softmax over all
-experts (OLMoE, Qwen2-MoE: no renormalisation), or sigmoid scores renormalised over the top-k
-(DeepSeek-V3).
+For each noisy chip (default --seeds 1000-1004, disjoint from eval.seeds and calib.seeds), the
+per-chip calibration maps are made as in `evaluate`; then these routings are evaluated, paired:
 
-  python benchmarks/calibration_mechanism.py --seeds 0 1
+  noisy           no repair
+  calibrated      the full percentile calibration (ROMER's step 2, calibrate_only)
+  selection_only  experts chosen from the calibrated logits, weighted from the noisy ones
+  weights_only    experts chosen from the noisy logits, weighted from the calibrated ones
+  temperature     one router temperature per layer (temperature_only), fitted on the same statistics
+
+Weights are computed as each family does: softmax over all experts (OLMoE, Qwen2-MoE, DeepSeek-MoE:
+no renormalisation), or sigmoid scores renormalised over the top-k (DeepSeek-V3). For every routing
+the mean top-k weight mass (sum of the k routing weights of a token, averaged over tokens and MoE
+layers) is recorded next to the clean model's: the magnitude the noise takes away and a map gives back.
+
+  python benchmarks/calibration_mechanism.py --out benchmarks/results/calibration_mechanism.json
 """
 
 import argparse
-import json
+import time
 
 import romer  # noqa: F401  (before torch: pins the CPU numerical modes)
 
-from romer.methods.calibration import compose, make_transform
-from romer.evaluation.measure import perplexity
+from romer.core.io import write_json
 from romer.core.numerics import set_determinism
-from romer.pipeline.experiment import Experiment
 from romer.core.params import load_params
+from romer.evaluation.measure import mean_ci, paired_reduction, perplexity
+from romer.methods.calibration import compose, make_transform
+from romer.pipeline.experiment import Experiment
 from romer.pipeline.stages import clean_percentiles
 
 MODELS = {"olmoe": "models/model", "qwen2_moe": "models/families/qwen2_moe",
-          "deepseek_v3": "models/families/deepseek_v3"}
+          "deepseek_moe": "models/families/deepseek_moe", "deepseek_v3": "models/families/deepseek_v3"}
+ROUTINGS = ("noisy", "calibrated", "selection_only", "weights_only", "temperature")
 
 
 def weights_at(adapter, router, logits, idx):
@@ -40,58 +49,103 @@ def weights_at(adapter, router, logits, idx):
     return p.to(logits.dtype)
 
 
-def split_plan(exp, maps, part):
-    """A routing plan that applies the calibration to the selection only or to the weights only."""
+class Mass:
+    """Accumulates the top-k weight mass (sum over the k weights) of every routed token."""
+
+    def __init__(self):
+        self.total, self.tokens = 0.0, 0
+
+    def add(self, weights):
+        self.total += float(weights.float().sum())
+        self.tokens += weights.shape[0]
+
+    def value(self):
+        return self.total / max(self.tokens, 1)
+
+
+def plan_for(exp, maps, part, mass):
+    """A routing plan: `part` is None (maps applied to selection and weights, or no maps), "selection"
+    or "weights" (the maps applied to that part only). Every layer's final weights go into `mass`."""
     plan = {}
     for block in exp.blocks:
-        a, b = maps[block.layer]
-        tr = make_transform(a, b)
+        tr = make_transform(*maps[block.layer]) if maps else None
 
         def post(weights, indices, raw, router=block.router, tr=tr):
-            cal = tr(raw)
-            if part == "selection":
-                idx = exp.adapter.route(router, cal)[1]
-                return weights_at(exp.adapter, router, raw, idx), idx
-            return weights_at(exp.adapter, router, cal, indices), indices
+            if part == "selection":  # raw: the logits before any transform
+                indices = exp.adapter.route(router, tr(raw))[1]
+                weights = weights_at(exp.adapter, router, raw, indices)
+            elif part == "weights":
+                weights = weights_at(exp.adapter, router, tr(raw), indices)
+            mass.add(weights)
+            return weights, indices
 
-        plan[block.layer] = compose(None, None, post)
+        plan[block.layer] = compose(tr if part is None else None, None, post)
     return plan
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--families", nargs="+", default=list(MODELS))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--families", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--dataset", default="builtin-validation")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1000, 1001, 1002, 1003, 1004])
+    ap.add_argument("--max-tokens", type=int, default=32768)
+    ap.add_argument("--out", default="benchmarks/results/calibration_mechanism.json")
     args = ap.parse_args(argv)
+    t0 = time.time()
     params = load_params()
+    shared = sorted(set(args.seeds) & (set(params.eval.seeds) | set(params.calib.seeds)))
+    if shared:
+        raise SystemExit(f"error: --seeds {shared} are also eval.seeds or calib.seeds in params.yaml")
+    if args.dataset == params.eval.dataset:
+        raise SystemExit(f"error: --dataset {args.dataset} is eval.dataset: choose on validation, not test")
     set_determinism(params.numerics.threads)
     e = params.eval
-    out = {}
+    out = {"dataset": args.dataset, "seeds": args.seeds, "max_tokens": args.max_tokens, "families": {}}
     for fam in args.families:
         exp = Experiment(params, model_dir=MODELS[fam])
-        ew = exp.windows(e.dataset, e.seq_len, max_tokens=e.max_tokens)
+        ew = exp.windows(args.dataset, e.seq_len, max_tokens=args.max_tokens)
         cw = exp.calib_windows()
 
-        def ppl(plan=None):
-            return perplexity(exp.model, exp.adapter, ew, e.batch_size, exp.device, plan)
+        def ppl(maps=None, part=None):
+            mass = Mass()
+            exp.restart_periphery()  # every routing of a chip sees the same periphery noise stream
+            p = perplexity(exp.model, exp.adapter, ew, e.batch_size, exp.device, plan_for(exp, maps, part, mass))
+            return p, mass.value()
 
         exp.set_state(None)
-        clean = ppl()
+        clean, clean_mass = ppl()
         cp = clean_percentiles(exp, cw)
-        rows = []
+        rows = {k: [] for k in ROUTINGS}
+        masses = {k: [] for k in ROUTINGS}
         for s in args.seeds:
             exp.set_state(s)
             maps = exp.calibrate(cw, cp, None)
-            r = {"seed": s, "noisy": ppl(), "calibrated": ppl(exp.routing_plan(None, maps)),
-                 "selection_only": ppl(split_plan(exp, maps, "selection")),
-                 "weights_only": ppl(split_plan(exp, maps, "weights"))}
-            rows.append(r)
-            print(fam, {k: round(v, 2) for k, v in r.items()}, flush=True)
+            temp = exp.calibrate(cw, cp, None, fit="temperature")
+            got = {"noisy": ppl(), "calibrated": ppl(maps), "selection_only": ppl(maps, "selection"),
+                   "weights_only": ppl(maps, "weights"), "temperature": ppl(temp)}
+            for k, (p, m) in got.items():
+                rows[k].append(p)
+                masses[k].append(m)
+            print(f"{fam} seed {s} ({time.time() - t0:.0f} s): " +
+                  ", ".join(f"{k} {p:.2f} (mass {m:.3f})" for k, (p, m) in got.items()), flush=True)
         exp.restore()
-        mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("noisy", "calibrated", "selection_only", "weights_only")}
-        out[fam] = {"clean": clean, **mean, "seeds": args.seeds}
-        print(fam, "mean", {k: round(v, 2) for k, v in mean.items()}, flush=True)
-    print(json.dumps(out))
+        fam_out = {"clean_ppl": clean, "clean_topk_mass": clean_mass, "ppl": {}, "topk_mass": {},
+                   "reduction_vs_noisy": {}}
+        for k in ROUTINGS:
+            fam_out["ppl"][k] = mean_ci(rows[k])
+            fam_out["topk_mass"][k] = sum(masses[k]) / len(masses[k])
+            if k != "noisy":
+                red, ci = paired_reduction(rows["noisy"], rows[k])
+                fam_out["reduction_vs_noisy"][k] = {"pct": red, "ci95": ci}
+        out["families"][fam] = fam_out
+        print(f"| {fam} | clean {clean:.2f} (mass {clean_mass:.3f}) | " + " | ".join(
+            f"{k} {fam_out['ppl'][k]['mean']:.2f} (mass {fam_out['topk_mass'][k]:.3f}"
+            + (f", {fam_out['reduction_vs_noisy'][k]['pct']:+.2f}% [{fam_out['reduction_vs_noisy'][k]['ci95'][0]:+.2f}, "
+               f"{fam_out['reduction_vs_noisy'][k]['ci95'][1]:+.2f}]" if k != "noisy" else "") + ")"
+            for k in ROUTINGS) + " |", flush=True)
+    out["seconds"] = time.time() - t0
+    write_json(args.out, out)
+    print(f"wrote {args.out} ({out['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":
