@@ -35,13 +35,13 @@ import romer  # noqa: F401  (before torch: pins the CPU numerical modes)
 import torch
 
 from romer.evaluation.measure import mean_ci, paired_reduction, perplexity
-from romer.core.numerics import set_determinism
-from romer.pipeline.experiment import Experiment, with_strength
+from romer.pipeline.experiment import with_strength
 from romer.core.io import write_json
-from romer.core.params import load_params
 from romer.pipeline.stages import compute_percentiles, evaluate_seed, method_specs, profile_routing
 from romer.methods.replacement import make_plan
 from romer.moe.routing import Recorder
+
+from validation import add_validation_args, validation_experiment, validation_params
 
 
 def with_params(exp, **sections):
@@ -144,9 +144,7 @@ def plus(exp, seeds, eval_w, calib_w, clean_rec, alphas) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="builtin-validation")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1000, 1001, 1002, 1003, 1004])
-    ap.add_argument("--max-tokens", type=int, default=None)
+    add_validation_args(ap)
     ap.add_argument("--parts", nargs="+", default=["scales", "parts", "limits", "baselines", "methods"])
     ap.add_argument("--scales", type=float, nargs="+", default=[0.5, 1, 2, 4, 8])
     ap.add_argument("--scale", type=float, default=1.0, help="noise strength of the method ablation (default 1)")
@@ -159,18 +157,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     t0 = time.time()
-    params = load_params()
-    shared = sorted(set(args.seeds) & (set(params.eval.seeds) | set(params.calib.seeds)))
-    if shared:
-        raise SystemExit(f"error: --seeds {shared} are also eval.seeds or calib.seeds in params.yaml: choose "
-                         f"on other chips than the ones evaluate reports (default --seeds 1000-1004)")
-    if args.dataset == params.eval.dataset:
-        raise SystemExit(f"error: --dataset {args.dataset} is eval.dataset: choose on validation, not test")
-    set_determinism(params.numerics.threads)
-    exp = Experiment(params)
+    params = validation_params(args)
+    exp, eval_w, calib_w = validation_experiment(args, params)
     e = params.eval
-    eval_w = exp.windows(args.dataset, e.seq_len, max_tokens=args.max_tokens)
-    calib_w = exp.calib_windows()
     exp.set_state(None)
     clean_rec = Recorder(indices=True)
     clean_logits = Recorder(logits=True, indices=False) if {"limits"} & set(args.parts) else None

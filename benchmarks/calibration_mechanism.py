@@ -24,12 +24,11 @@ import time
 import romer  # noqa: F401  (before torch: pins the CPU numerical modes)
 
 from romer.core.io import write_json
-from romer.core.numerics import set_determinism
-from romer.core.params import load_params
 from romer.evaluation.measure import mean_ci, paired_reduction, perplexity
 from romer.methods.calibration import compose, make_transform
-from romer.pipeline.experiment import Experiment
 from romer.pipeline.stages import clean_percentiles
+
+from validation import add_validation_args, validation_experiment, validation_params  # noqa: E402  (benchmarks/)
 
 MODELS = {"olmoe": "models/model", "qwen2_moe": "models/families/qwen2_moe",
           "deepseek_moe": "models/families/deepseek_moe", "deepseek_v3": "models/families/deepseek_v3"}
@@ -86,25 +85,15 @@ def plan_for(exp, maps, part, mass):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--dataset", default="builtin-validation")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1000, 1001, 1002, 1003, 1004])
-    ap.add_argument("--max-tokens", type=int, default=32768)
+    add_validation_args(ap, max_tokens=32768)
     ap.add_argument("--out", default="benchmarks/results/calibration_mechanism.json")
     args = ap.parse_args(argv)
     t0 = time.time()
-    params = load_params()
-    shared = sorted(set(args.seeds) & (set(params.eval.seeds) | set(params.calib.seeds)))
-    if shared:
-        raise SystemExit(f"error: --seeds {shared} are also eval.seeds or calib.seeds in params.yaml")
-    if args.dataset == params.eval.dataset:
-        raise SystemExit(f"error: --dataset {args.dataset} is eval.dataset: choose on validation, not test")
-    set_determinism(params.numerics.threads)
+    params = validation_params(args)
     e = params.eval
     out = {"dataset": args.dataset, "seeds": args.seeds, "max_tokens": args.max_tokens, "families": {}}
     for fam in args.families:
-        exp = Experiment(params, model_dir=MODELS[fam])
-        ew = exp.windows(args.dataset, e.seq_len, max_tokens=args.max_tokens)
-        cw = exp.calib_windows()
+        exp, ew, cw = validation_experiment(args, params, model_dir=MODELS[fam])
 
         def ppl(maps=None, part=None):
             mass = Mass()

@@ -24,15 +24,13 @@ import time
 import romer  # noqa: F401  (before torch: pins the CPU numerical modes)
 
 from romer.core.io import write_json
-from romer.core.numerics import set_determinism
-from romer.core.params import load_params
 from romer.evaluation.measure import perplexity
 from romer.methods.hetero import sensitive_experts
 from romer.moe.routing import Recorder
-from romer.pipeline.experiment import Experiment
 from romer.pipeline.stages import _pct_to_json, clean_percentiles, clean_router_targets, evaluate_seed
 
 from ablation import compare  # noqa: E402  (benchmarks/ is the script's directory)
+from validation import add_validation_args, validation_experiment, validation_params  # noqa: E402
 
 
 def specs_for(exp, fractions) -> dict:
@@ -51,25 +49,15 @@ def specs_for(exp, fractions) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="builtin-validation")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1000, 1001, 1002, 1003, 1004])
-    ap.add_argument("--max-tokens", type=int, default=32768)
+    add_validation_args(ap, max_tokens=32768)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25],
                     help="fractions of each layer's experts kept digital")
     ap.add_argument("--out", default="benchmarks/results/hetero_plus.json")
     args = ap.parse_args(argv)
     t0 = time.time()
-    params = load_params()
-    shared = sorted(set(args.seeds) & (set(params.eval.seeds) | set(params.calib.seeds)))
-    if shared:
-        raise SystemExit(f"error: --seeds {shared} are also eval.seeds or calib.seeds in params.yaml")
-    if args.dataset == params.eval.dataset:
-        raise SystemExit(f"error: --dataset {args.dataset} is eval.dataset: choose on validation, not test")
-    set_determinism(params.numerics.threads)
-    exp = Experiment(params)
+    params = validation_params(args)
+    exp, eval_w, calib_w = validation_experiment(args, params)
     e = params.eval
-    eval_w = exp.windows(args.dataset, e.seq_len, max_tokens=args.max_tokens)
-    calib_w = exp.calib_windows()
     exp.set_state(None)
     clean_rec = Recorder(indices=True)
     clean = perplexity(exp.model, exp.adapter, eval_w, e.batch_size, exp.device, None, clean_rec)

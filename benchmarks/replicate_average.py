@@ -36,18 +36,16 @@ import romer  # noqa: F401  (before torch: pins the CPU numerical modes)
 import torch
 
 from romer.core.io import write_json
-from romer.core.numerics import set_determinism
-from romer.core.params import load_params
 from romer.evaluation.measure import perplexity, routing_report
 from romer.methods.calibration import compose
 from romer.methods.hetero import sensitive_experts
 from romer.methods.replacement import pairs_by_layer, routing_fns
 from romer.methods.router_refit import digital_router, ridge_router, router_inputs
 from romer.moe.routing import LayerRouting, Recorder
-from romer.pipeline.experiment import Experiment
 from romer.pipeline.stages import clean_percentiles, clean_router_targets, router_plan
 
 from ablation import compare  # noqa: E402  (benchmarks/ is the script's directory)
+from validation import add_validation_args, validation_experiment, validation_params  # noqa: E402
 
 
 def expert_stats(exp, calib_w, pred_seeds) -> dict:
@@ -121,25 +119,15 @@ def refit_with_plan(exp, calib_w, targets, plan) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="builtin-validation")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1000, 1001, 1002, 1003, 1004])
-    ap.add_argument("--max-tokens", type=int, default=None)
+    add_validation_args(ap)
     ap.add_argument("--budgets", type=int, nargs="+", default=[4, 8, 16], help="experts freed and copied per layer")
     ap.add_argument("--out", default="benchmarks/results/replicate_average.json")
     args = ap.parse_args(argv)
 
     t0 = time.time()
-    params = load_params()
-    shared = sorted(set(args.seeds) & (set(params.eval.seeds) | set(params.calib.seeds)))
-    if shared:
-        raise SystemExit(f"error: --seeds {shared} are also eval.seeds or calib.seeds in params.yaml")
-    if args.dataset == params.eval.dataset:
-        raise SystemExit(f"error: --dataset {args.dataset} is eval.dataset: choose on validation, not test")
-    set_determinism(params.numerics.threads)
-    exp = Experiment(params)
+    params = validation_params(args)
+    exp, eval_w, calib_w = validation_experiment(args, params)
     e = params.eval
-    eval_w = exp.windows(args.dataset, e.seq_len, max_tokens=args.max_tokens)
-    calib_w = exp.calib_windows()
     E = exp.num_experts
 
     exp.set_state(None)
