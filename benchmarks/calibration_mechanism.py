@@ -127,11 +127,14 @@ def main(argv=None):
                 red, ci = paired_reduction(rows["noisy"], rows[k])
                 fam_out["reduction_vs_noisy"][k] = {"pct": red, "ci95": ci}
         out["families"][fam] = fam_out
-        print(f"| {fam} | clean {clean:.2f} (mass {clean_mass:.3f}) | " + " | ".join(
-            f"{k} {fam_out['ppl'][k]['mean']:.2f} (mass {fam_out['topk_mass'][k]:.3f}"
-            + (f", {fam_out['reduction_vs_noisy'][k]['pct']:+.2f}% [{fam_out['reduction_vs_noisy'][k]['ci95'][0]:+.2f}, "
-               f"{fam_out['reduction_vs_noisy'][k]['ci95'][1]:+.2f}]" if k != "noisy" else "") + ")"
-            for k in ROUTINGS) + " |", flush=True)
+
+        def cell(k):
+            r = fam_out["reduction_vs_noisy"].get(k)
+            red = f", {r['pct']:+.2f}% [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]" if r else ""
+            return f"{k} {fam_out['ppl'][k]['mean']:.2f} (mass {fam_out['topk_mass'][k]:.3f}{red})"
+
+        print(f"| {fam} | clean {clean:.2f} (mass {clean_mass:.3f}) | " + " | ".join(map(cell, ROUTINGS)) + " |",
+              flush=True)
     out["seconds"] = time.time() - t0
     write_json(args.out, out)
     print(f"wrote {args.out} ({out['seconds']:.0f} s)")

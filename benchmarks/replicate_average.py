@@ -60,13 +60,13 @@ def expert_stats(exp, calib_w, pred_seeds) -> dict:
     err = {layer: torch.zeros(E, dtype=torch.float64) for layer in exp.layers}
 
     def per_expert(t, rec_):
-        v = t.detach().double().cpu().reshape(t.shape[0], -1).pow(2).sum(1) if rec_.fused else \
-            t.detach().double().cpu().pow(2).sum().reshape(1)
+        """[E] squared Frobenius norms of one record's tensor (fused [E, out, in], or one expert's)."""
+        t = t.detach().double().cpu()
         out = torch.zeros(E, dtype=torch.float64)
         if rec_.fused:
-            out += v
+            out += t.reshape(t.shape[0], -1).pow(2).sum(1)
         else:
-            out[rec_.expert] += v[0]
+            out[rec_.expert] += t.pow(2).sum()
         return out
 
     for r in exp._expert_records:
