@@ -50,27 +50,28 @@ def with_params(exp, **sections):
     return exp.params.model_copy(update=upd)
 
 
-def compare(rows: dict) -> dict:
+def compare(rows: dict, reference: str = "romer") -> dict:
     """{method: [PPL per seed]} -> mean and CI per method, each method's paired reduction against
-    noisy, and ROMER's against each method (`romer_vs`, as in eval.json: positive, ROMER is better);
-    prints them as a markdown table."""
-    out = {"ppl": {n: mean_ci(v) for n, v in rows.items()}, "reduction_vs_noisy": {}, "romer_vs": {}}
+    noisy, and the reference method's against each other method (`<reference>_vs`, as eval.json's
+    `romer_vs`: positive, the reference is better); prints them as a markdown table."""
+    vs = f"{reference}_vs"
+    out = {"ppl": {n: mean_ci(v) for n, v in rows.items()}, "reduction_vs_noisy": {}, vs: {}}
     for n, v in rows.items():
         if n != "noisy":
             red, ci = paired_reduction(rows["noisy"], v)
             out["reduction_vs_noisy"][n] = {"pct": red, "ci95": ci}
-        if n not in ("romer", "noisy"):
-            red, ci = paired_reduction(v, rows["romer"])
-            out["romer_vs"][n] = {"pct": red, "ci95": ci}
+        if n not in (reference, "noisy"):
+            red, ci = paired_reduction(v, rows[reference])
+            out[vs][n] = {"pct": red, "ci95": ci}
 
     def cell(r):
         return f"{r['pct']:+.2f}% [{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}]" if r else "-"
 
-    print("| method | PPL (mean over seeds) | reduction vs noisy, 95% CI | ROMER better by, 95% CI |")
+    print(f"| method | PPL (mean over seeds) | reduction vs noisy, 95% CI | {reference} better by, 95% CI |")
     print("|---|---|---|---|")
     for n in rows:
         print(f"| {n} | {out['ppl'][n]['mean']:.3f} | {cell(out['reduction_vs_noisy'].get(n))} | "
-              f"{cell(out['romer_vs'].get(n))} |")
+              f"{cell(out[vs].get(n))} |")
     return out
 
 
