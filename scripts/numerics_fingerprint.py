@@ -28,6 +28,7 @@ import romer  # noqa: E402,F401  (before torch: the numerical pins)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from romer.core import numerics  # noqa: E402
 from romer.core.numerics import cpu_info, modes, set_determinism  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def first_tensors(out):
 
 
 def model_steps(params, steps: int, entries: dict):
-    from romer.builtin.train import balance_loss, build_model
+    from romer.builtin.train import balance_loss, build_model, make_optimizer
     from romer.core.lm_loss import chunked_lm_loss
     from romer.moe.adapters import get_adapter
 
@@ -61,10 +62,7 @@ def model_steps(params, steps: int, entries: dict):
     model.train()
     adapter = get_adapter(model)
     routers = [b.router for b in adapter.blocks(model)]
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed_tokens" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = make_optimizer(model, cfg)
     for name, p in model.named_parameters():
         entries[f"init.{name}"] = digest(p)
     step_now = [0]
@@ -163,6 +161,44 @@ def single_ops(params, entries: dict):
                 t.grad = torch.randn(t.shape, generator=g)
             opt.step()
         entries[f"op.adamw{'_fused' if fused else ''}"] = digest(p)
+    x = rnd(T, H).abs_()
+    entries["op.numerics_sqrt.fwd"] = digest(numerics.sqrt(x))
+    entries["op.pow_scalar_base.fwd"] = digest(torch.pow(0.5, x.mul(0.05)))  # the drift law's (t0/t)^nu
+    analog_ops(params, g, entries)
+
+
+def analog_ops(params, g, entries: dict):
+    """One noise pass and one periphery forward at the pipeline's CIM settings (tile, range crest,
+    periphery preset), for the PCM preset and a tabulated (fitted-like) noise model."""
+    from romer.cim.mapping import AnalogWeights
+    from romer.cim.noise_models import gaussian, pcm_joshi2020
+    from romer.cim.periphery import Periphery, periphery_config
+    from romer.core.records import AnalogTensor
+
+    cim, noise = params.cim, params.noise
+    w = torch.randn(4, 96, 160, generator=g)
+    for name, nm in (("pcm", pcm_joshi2020()), ("gaussian", gaussian())):
+        aw = AnalogWeights([AnalogTensor("w", "routed_experts", w.clone(), layer=0, part="gate_up_proj")], nm,
+                           tile=cim.tile and (64, 64), weight_scaling=cim.weight_scaling or "tile",
+                           range_crest=cim.range_crest)
+        aw.apply(7, t_inference_s=noise.t_inference_s, drift_compensation=noise.drift_compensation)
+        entries[f"op.noise_pass_{name}.fwd"] = digest(aw.records[0].tensor)
+    cfg = periphery_config(cim.periphery.preset)
+    lin = torch.nn.Linear(160, 96, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w[0])
+    aw = AnalogWeights([AnalogTensor("lin", "attention", lin.weight, layer=0, part="q_proj")], pcm_joshi2020(),
+                       tile=(64, 64), weight_scaling=cim.weight_scaling or cfg.weight_scaling,
+                       range_crest=cim.range_crest)
+    aw.apply(7, t_inference_s=noise.t_inference_s, drift_compensation=noise.drift_compensation)
+    per = Periphery(aw, cfg).install(lin)
+    per.reseed(7)
+    per.enabled = True
+    try:
+        with torch.no_grad():
+            entries[f"op.periphery_{cim.periphery.preset}.fwd"] = digest(lin(torch.randn(512, 160, generator=g)))
+    finally:
+        per.remove()
 
 
 def compare(mine: dict, other_path: Path, show: int = 12) -> int:

@@ -281,6 +281,17 @@ def routing_report(topk_per_layer, num_experts: int, tau: float = 0.25) -> tuple
     return per_layer, summary
 
 
+def make_optimizer(model, cfg):
+    """The recipe's AdamW: weight decay on the matrices but the embeddings. The fused kernel, for its
+    own vectorised sqrt: the for-each AdamW's goes through MKL VML, whose last bit differs between
+    Intel and AMD (romer.core.numerics; scripts/numerics_fingerprint.py)."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed_tokens" not in n)]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+
+
 def _lr_at(step: int, cfg) -> float:
     """Linear warmup to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_frac at the last step."""
     if step < cfg.warmup_steps:
@@ -352,12 +363,7 @@ def train_builtin(cfg, out_dir, progress: bool = True, return_model: bool = Fals
     routers = [b.router for b in adapter.blocks(model)]
     bias_rate = cfg.bias_update_rate if adapter.router_kind == "sigmoid" else 0.0
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed_tokens" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
-    )
+    opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     train_ids = ids["train"]
     span = torch.arange(cfg.seq_len + 1)

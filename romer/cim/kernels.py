@@ -79,6 +79,15 @@ def _dac(x, s, step: float, x_lim: float, do_round: bool, do_clamp: bool, square
     return xq, (xq * xq if square else None), s
 
 
+def _sqrt(x):
+    """Correctly rounded in both paths: compiled code uses the vector instruction, eager torch would
+    use MKL VML's (vendor-dependent last bit; romer.core.numerics.sqrt)."""
+    if torch.compiler.is_compiling():
+        return torch.sqrt(x)
+    from romer.core.numerics import sqrt
+    return sqrt(x)
+
+
 def _adc(u, table, idx, var, z_w, z_o, ss, gain: float, var_gain: float, w_coef: float, o_coef: float,
          do_round: bool, y_lim: float, step: float):
     """Array outputs [N, out] to real units. `table` [E or 1, out] holds alpha * w_max per matrix and
@@ -89,7 +98,7 @@ def _adc(u, table, idx, var, z_w, z_o, ss, gain: float, var_gain: float, w_coef:
     inv = torch.where(ws > 0, ws.reciprocal(), torch.zeros_like(ws))  # an all-zero matrix reads exactly 0
     u = u * (inv * gain)  # in ADC steps
     if var is not None:
-        u = u + torch.sqrt(torch.clamp(var * (inv * var_gain), min=0)) * z_w * w_coef
+        u = u + _sqrt(torch.clamp(var * (inv * var_gain), min=0)) * z_w * w_coef
     if z_o is not None:
         u = u + z_o * o_coef
     if do_round:

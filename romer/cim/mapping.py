@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from romer.cim.noise_models import NoiseModel
+from romer.core import numerics
 from romer.core.records import AnalogTensor
 
 CHUNK_ELEMENTS = 1 << 26  # weights per block: fused tensors go through in blocks of whole matrices
@@ -303,7 +304,7 @@ class AnalogWeights:
             n_valid = torch.zeros((1, no * C, 1, nt * R), dtype=torch.float32, device=w.device)
             n_valid[:, :n_out, :, :n_in] = 1.0
             n_valid = n_valid.view(1, no, C, nt, R).sum(dim=dims, keepdim=True).clamp_(min=1)
-            rms = w.square().sum(dim=dims, keepdim=True).div_(n_valid).sqrt_()
+            rms = numerics.sqrt(w.square().sum(dim=dims, keepdim=True).div_(n_valid))  # vendor-independent
             w_max = torch.maximum(w_max, rms.mul_(self.range_crest))
         k = torch.where(w_max > 0, g_max / w_max, torch.zeros_like(w_max))
 

@@ -15,7 +15,12 @@ sums in a different order. Training amplifies a last-bit difference into a diffe
 - numpy's runtime-dispatched SIMD loops (the noise fit) stop at AVX2; its least squares goes
   through lstsq_exact below instead of LAPACK;
 - oneDNN is capped at AVX2 too (no fp32 op of these models calls it today);
-- every stage runs on `numerics.threads` intra-op threads.
+- every stage runs on `numerics.threads` intra-op threads;
+- square roots go through `sqrt` below (IEEE's, correctly rounded), and training uses the fused
+  AdamW: torch's CPU `sqrt` (and so the for-each AdamW) runs MKL VML's high-accuracy kernel, which is
+  not correctly rounded and whose last bit differs between Intel and AMD whatever MKL_CBWR says
+  (`scripts/numerics_fingerprint.py`: op.sqrt and op.adamw were the only ops that differed; on an
+  Intel Xeon 17% of float32 square roots differ from the correctly rounded value).
 
 The variables must be set before torch and numpy load their kernels; `import romer` does it
 (romer/__init__.py), and every stage, test and benchmark imports romer first. A variable the user
@@ -85,6 +90,20 @@ def set_determinism(threads: int | None) -> None:
     if not native() and os.environ.get("ATEN_CPU_CAPABILITY") == "avx2" and "avx2" in cpu_info()["flags"] and cap != "AVX2":
         raise UserError(f"numerical pins not in force: torch runs its {cap} kernels, not AVX2 (was torch "
                         "imported before romer?); see romer/core/numerics.py")
+
+
+def sqrt(t):
+    """Elementwise square root, correctly rounded, so the same bytes on every CPU.
+
+    torch's CPU `sqrt` calls MKL VML (high accuracy, not correctly rounded), and its last bit
+    depends on the CPU's vendor; numpy's is the IEEE instruction. On other devices, or with
+    ROMER_NUMERICS=native, torch's own is used."""
+    if t.device.type != "cpu" or native():
+        return t.sqrt()
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.sqrt(t.detach().contiguous().numpy()))
 
 
 def modes() -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from romer.core import numerics
 from romer.moe.adapters import analog_tensors
 from romer.moe.routing import Recorder
 from romer.moe.routing_metrics import topk_changed_frac
@@ -33,7 +34,7 @@ def excess_kurtosis(x: torch.Tensor) -> float:
 def row_crest(w: torch.Tensor) -> torch.Tensor:
     """abs-max / rms of every row (the last dim is the input) of a [..., out, in] weight."""
     rows = w.detach().reshape(-1, w.shape[-1]).double()
-    rms = rows.pow(2).mean(dim=1).sqrt()
+    rms = numerics.sqrt(rows.pow(2).mean(dim=1))
     keep = rms > 0
     return rows.abs().amax(dim=1)[keep] / rms[keep]
 
