@@ -17,6 +17,8 @@ gradient; the weights, through the softmax or sigmoid scores, do. Variants, per 
   noisy, calibrated (the percentile map), temperature (one temperature per layer)
   gain_only     the percentile map, and only the gain g fitted (is it the mass alone?)
   output_cal    a, b and g fitted
+  output_cal_local  the same, to the clean block on the noisy chip's own block inputs (this block's
+                error only; the target above also holds the error of every layer before it)
   romer_plus    the router kept digital and refitted by ridge (romer.methods.router_refit)
   output_refit  the refitted digital router, then a, b and g fitted on its logits (from a = 1, b = 0)
 
@@ -46,6 +48,7 @@ from calibration_mechanism import MODELS  # noqa: E402
 from validation import add_validation_args, validation_experiment, validation_params  # noqa: E402
 
 VARIANTS = {"gain_only": dict(refit=False, free=("g",)), "output_cal": dict(refit=False, free=("a", "b", "g")),
+            "output_cal_local": dict(refit=False, free=("a", "b", "g"), local=True),
             "output_refit": dict(refit=True, free=("a", "b", "g"))}
 
 
@@ -157,13 +160,28 @@ def gain_post(g):
     return lambda w, idx, logits: (w * g, idx)
 
 
-def output_calibrate(exp, calib_w, clean_out, clean_pct, targets, refit, free) -> tuple[dict, dict]:
-    """(routing plan, per-layer fit report) of one variant on the current noisy chip."""
+def clean_block_on(exp, block, xs, seed) -> torch.Tensor:
+    """[T, H] the clean block's outputs on the noisy chip's block inputs xs (then chip `seed` again)."""
+    exp.set_state(None)
+    try:
+        with torch.no_grad():
+            return torch.cat([_out(block.module(x)).reshape(-1, x.shape[-1]).float().cpu() for x in xs])
+    finally:
+        exp.set_state(seed)
+
+
+def output_calibrate(exp, calib_w, clean_out, clean_pct, targets, refit, free, seed, local=False) -> tuple[dict, dict]:
+    """(routing plan, per-layer fit report) of one variant on noisy chip `seed` (the current state).
+
+    local: the target is the clean block on the same (noisy) inputs, so the fit answers for this
+    block's own error only; otherwise the clean model's block output on the clean path, which also
+    holds the error of every layer before it."""
     plan, report = {}, {}
     pcts = exp.params.calibrate.percentiles
     for block in exp.blocks:
         layer = block.layer
         xs = block_inputs(exp, calib_w, layer, plan)
+        target = clean_block_on(exp, block, xs, seed) if local else clean_out[layer]
         logits_fn = None
         if refit:
             x = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).float().cpu()
@@ -174,7 +192,7 @@ def output_calibrate(exp, calib_w, clean_out, clean_pct, targets, refit, free) -
             a0, b0 = torch.ones(exp.num_experts), torch.zeros(exp.num_experts)
         else:
             a0, b0 = affine_map(percentiles(logits, *pcts), clean_pct[layer])
-        got = fit_layer(exp.adapter, block.router, logits, Y, s, clean_out[layer], a0, b0, free)
+        got = fit_layer(exp.adapter, block.router, logits, Y, s, target, a0, b0, free)
         plan[layer] = LayerRouting(logits_fn=logits_fn, transform=make_transform(got["a"], got["b"]),
                                    post=gain_post(got["g"]))
         report[layer] = {"g": got["g"], "rel_err": got["rel_err"]}
@@ -204,7 +222,7 @@ def run_family(exp, args, eval_w, calib_w, t0) -> dict:
         for name in args.variants:
             if name == "output_refit":
                 got["romer_plus"] = ppl(router_plan(exp, "refit", calib_w, targets))
-            plan, rep = output_calibrate(exp, calib_w, clean_out, clean_pct, targets, **VARIANTS[name])
+            plan, rep = output_calibrate(exp, calib_w, clean_out, clean_pct, targets, seed=seed, **VARIANTS[name])
             got[name] = ppl(plan)
             fits.setdefault(name, {})[seed] = rep
         for k, v in got.items():

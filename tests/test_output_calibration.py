@@ -30,7 +30,16 @@ def test_decomposition_and_fit(family):
     assert torch.allclose(got, clean_out[block.layer], atol=1e-6, rtol=1e-4)
     pct, targets = clean_percentiles(exp, windows), clean_router_targets(exp, windows)
     exp.set_state(3)  # noisy, through the periphery
-    plan, report = oc.output_calibrate(exp, windows, clean_out, pct, targets, refit=False, free=("a", "b", "g"))
+    plan, report = oc.output_calibrate(exp, windows, clean_out, pct, targets, refit=False, free=("a", "b", "g"),
+                                       seed=3)
     assert set(plan) == set(exp.layers)
     for r in report.values():
         assert r["rel_err"]["fitted"] < r["rel_err"]["init"]
+    # the local target is the clean block (on the clean model's inputs: its clean output), and the chip is
+    # noisy again afterwards
+    exp.set_state(None)
+    xs = oc.block_inputs(exp, windows, block.layer, {})
+    exp.set_state(3)
+    noisy_w = block.router.weight.detach().clone()
+    assert torch.allclose(oc.clean_block_on(exp, block, xs, 3), clean_out[block.layer], atol=1e-6, rtol=1e-4)
+    assert torch.equal(block.router.weight, noisy_w)
