@@ -169,15 +169,16 @@ def single_ops(params, entries: dict):
 
 def analog_ops(params, g, entries: dict):
     """One noise pass and one periphery forward at the pipeline's CIM settings (tile, range crest,
-    periphery preset), for the PCM preset and a tabulated (fitted-like) noise model."""
+    periphery preset), for the PCM law and for its curves as tables (the form of a fitted model)."""
     from romer.cim.mapping import AnalogWeights
-    from romer.cim.noise_models import gaussian, pcm_joshi2020
+    from romer.cim.noise_models import NoiseModel, pcm_joshi2020
     from romer.cim.periphery import Periphery, periphery_config
     from romer.core.records import AnalogTensor
 
     cim, noise = params.cim, params.noise
     w = torch.randn(4, 96, 160, generator=g)
-    for name, nm in (("pcm", pcm_joshi2020()), ("gaussian", gaussian())):
+    tables = {**pcm_joshi2020().to_json(), "preset": None, "programming_sigma_poly": None}  # as a fitted model
+    for name, nm in (("pcm", pcm_joshi2020()), ("table", NoiseModel.from_json(tables))):
         aw = AnalogWeights([AnalogTensor("w", "routed_experts", w.clone(), layer=0, part="gate_up_proj")], nm,
                            tile=cim.tile and (64, 64), weight_scaling=cim.weight_scaling or "tile",
                            range_crest=cim.range_crest)
