@@ -176,22 +176,24 @@ def analog_ops(params, g, entries: dict):
     from romer.core.records import AnalogTensor
 
     cim, noise = params.cim, params.noise
+    cfg = periphery_config(cim.periphery.preset)
+
+    def program(name, tensor, kind, part, nm):  # as the pipeline maps it (null weight_scaling: the preset's)
+        aw = AnalogWeights([AnalogTensor(name, kind, tensor, layer=0, part=part)], nm,
+                           tile=(64, 64) if cim.tile else None, weight_scaling=cim.weight_scaling or cfg.weight_scaling,
+                           range_crest=cim.range_crest)
+        aw.apply(7, t_inference_s=noise.t_inference_s, drift_compensation=noise.drift_compensation)
+        return aw
+
     w = torch.randn(4, 96, 160, generator=g)
     tables = {**pcm_joshi2020().to_json(), "preset": None, "programming_sigma_poly": None}  # as a fitted model
     for name, nm in (("pcm", pcm_joshi2020()), ("table", NoiseModel.from_json(tables))):
-        aw = AnalogWeights([AnalogTensor("w", "routed_experts", w.clone(), layer=0, part="gate_up_proj")], nm,
-                           tile=cim.tile and (64, 64), weight_scaling=cim.weight_scaling or "tile",
-                           range_crest=cim.range_crest)
-        aw.apply(7, t_inference_s=noise.t_inference_s, drift_compensation=noise.drift_compensation)
-        entries[f"op.noise_pass_{name}.fwd"] = digest(aw.records[0].tensor)
-    cfg = periphery_config(cim.periphery.preset)
+        entries[f"op.noise_pass_{name}.fwd"] = digest(
+            program("w", w.clone(), "routed_experts", "gate_up_proj", nm).records[0].tensor)
     lin = torch.nn.Linear(160, 96, bias=False)
     with torch.no_grad():
         lin.weight.copy_(w[0])
-    aw = AnalogWeights([AnalogTensor("lin", "attention", lin.weight, layer=0, part="q_proj")], pcm_joshi2020(),
-                       tile=(64, 64), weight_scaling=cim.weight_scaling or cfg.weight_scaling,
-                       range_crest=cim.range_crest)
-    aw.apply(7, t_inference_s=noise.t_inference_s, drift_compensation=noise.drift_compensation)
+    aw = program("lin", lin.weight, "attention", "q_proj", pcm_joshi2020())
     per = Periphery(aw, cfg).install(lin)
     per.reseed(7)
     per.enabled = True
