@@ -31,6 +31,8 @@ model) and DeepSeek-V3 (a renormalising sigmoid router; `make beyond` trains it)
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 
 import romer  # noqa: F401  (before torch: pins the CPU numerical modes)
@@ -233,6 +235,26 @@ def run_family(exp, args, eval_w, calib_w, t0) -> dict:
     return {"clean_ppl": clean, **compare(rows, reference="calibrated"), "fits": fits}
 
 
+def kept_families(path: str, header: dict, rerun) -> dict:
+    """The families of an earlier result at `path` that this run does not redo, so that one family
+    at a time can be added (a family takes ~50 min on 2 cores). Only from a run of the same
+    validation set (dataset, seeds, tokens); otherwise nothing is kept."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        old = json.load(f)
+    if any(old.get(k) != header[k] for k in ("dataset", "seeds", "max_tokens")):
+        print(f"{path}: another validation set (dataset, seeds or tokens differ); its families are replaced")
+        return {}
+    fams = old.get("families", {})
+    if len(fams) == 1 and "seconds" in old:  # written before per-family times: the run's time is its one family's
+        next(iter(fams.values())).setdefault("seconds", old["seconds"])
+    kept = {k: v for k, v in fams.items() if k not in rerun}
+    if kept:
+        print(f"{path}: keeping its results for {', '.join(kept)}")
+    return kept
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", nargs="+", default=["olmoe", "deepseek_v3"], choices=list(MODELS))
@@ -243,12 +265,15 @@ def main(argv=None):
     t0 = time.time()
     params = validation_params(args)
     out = {"dataset": args.dataset, "seeds": args.seeds, "max_tokens": args.max_tokens, "families": {}}
+    out["families"] = kept_families(args.out, out, args.families)
     for fam in args.families:
+        t_fam = time.time()
         exp, eval_w, calib_w = validation_experiment(args, params, model_dir=MODELS[fam])
         print(f"{fam}: {eval_w.numel()} validation tokens, {calib_w.numel()} calibration tokens", flush=True)
         out["families"][fam] = run_family(exp, args, eval_w, calib_w, t0)
+        out["families"][fam]["seconds"] = time.time() - t_fam
         del exp
-    out["seconds"] = time.time() - t0
+    out["seconds"] = sum(f.get("seconds", 0.0) for f in out["families"].values())
     write_json(args.out, out)
     print(f"wrote {args.out} ({out['seconds']:.0f} s)")
 

@@ -43,3 +43,16 @@ def test_decomposition_and_fit(family):
     noisy_w = block.router.weight.detach().clone()
     assert torch.allclose(oc.clean_block_on(exp, block, xs, 3), clean_out[block.layer], atol=1e-6, rtol=1e-4)
     assert torch.equal(block.router.weight, noisy_w)
+
+
+def test_kept_families(tmp_path):
+    """A run for one family keeps the others of an earlier run on the same validation set, and
+    nothing of a run on another set."""
+    import json
+    path = tmp_path / "oc.json"
+    header = {"dataset": "validation", "seeds": [1000, 1001], "max_tokens": 64}
+    assert oc.kept_families(str(path), header, ["deepseek_v3"]) == {}
+    path.write_text(json.dumps({**header, "families": {"olmoe": {"noisy": 1.0}}, "seconds": 5.0}))
+    assert oc.kept_families(str(path), header, ["deepseek_v3"]) == {"olmoe": {"noisy": 1.0, "seconds": 5.0}}
+    assert oc.kept_families(str(path), header, ["olmoe"]) == {}
+    assert oc.kept_families(str(path), {**header, "max_tokens": 128}, ["deepseek_v3"]) == {}
