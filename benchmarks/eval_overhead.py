@@ -88,7 +88,8 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batches", type=int, default=4, help="batches per timed pass")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--noise", default="pcm-joshi2020")
+    ap.add_argument("--noise", default="data/chip/pcm_sample.csv",
+                    help="noise source (default: the pipeline's, a model fitted to the sample chip CSV)")
     ap.add_argument("--periphery", default="aihwkit-io-default", help="periphery preset of (d)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on cuda, fp32 on cpu")
     ap.add_argument("--experts-impl", default="grouped_mm", choices=["grouped_mm", "eager", "batched_mm"])
@@ -132,8 +133,10 @@ def main(argv=None):
     # (c) noise pass + restore (the clean copy lives on the CPU, pinned on CUDA)
     t0 = time.perf_counter()
     pcfg = periphery_config(args.periphery)
-    weights = AnalogWeights(analog_tensors(model, adapter, ANALOG_KINDS), noise_model, tile=(512, 512),
-                            weight_scaling=pcfg.weight_scaling)
+    cim = params.cim if params is not None else None  # the pipeline's mapping (tile, full-scale crest)
+    weights = AnalogWeights(analog_tensors(model, adapter, ANALOG_KINDS), noise_model,
+                            tile=tuple(cim.tile) if cim and cim.tile else (512, 512),
+                            weight_scaling=pcfg.weight_scaling, range_crest=cim.range_crest if cim else 12.0)
     t_setup = time.perf_counter() - t0
     plan = make_plan({b.layer: torch.linspace(0.001, 2, E).softmax(0).tolist() for b in blocks}, 0.25, 2, "copy_router")
     edit = weight_edit(plan)
@@ -175,6 +178,8 @@ def main(argv=None):
         "forward_tokens_per_s": n_tokens / t_plain,
         "eval_tokens_per_s": n_tokens / t_eval,
         "eval_vs_forward_ratio": t_plain / t_eval,
+        "noise": args.noise,
+        "noise_pass_compiled": bool(noise_model.curves(86400.0, torch.float32, args.device)["exact"]),
         "noise_pass_s": t_noise,
         "rng_floor_s": t_rng,
         "noise_pass_vs_rng_floor": t_noise / t_rng,

@@ -296,3 +296,52 @@ def test_cuda_pinned_copy_and_determinism():
     assert torch.equal(w, w1)
     aw.restore()
     assert torch.equal(w, clean)
+
+
+def _tables(nm):
+    """The same device law as tables (a fitted model's form): the compiled noise pass runs it."""
+    j = nm.to_json()
+    j["preset"] = None
+    return NoiseModel.from_json(j)
+
+
+@pytest.mark.parametrize("case", ["fitted_tile_crest", "poly_row_levels", "variation_padded", "early_uncompensated"])
+def test_compiled_noise_pass_agrees_with_the_eager_fallback(case, monkeypatch):
+    """The compiled noise pass (romer.cim.mapping.device_chain) gives the bytes of the same
+    functions run eagerly, for every branch of the chain; and it is the path a fitted model takes."""
+    from romer.cim import mapping
+    from romer.cim.mapping import ArrayVariation
+
+    nm, kw, ap = {
+        "fitted_tile_crest": (_tables(PCM), dict(tile=(64, 16), weight_scaling="tile", range_crest=3.0),
+                              dict(t_inference_s=86400.0)),
+        "poly_row_levels": (PROG_ONLY, dict(weight_scaling="row", levels=9), dict(prog_scale=2.0)),
+        "variation_padded": (_tables(PCM), dict(tile=(24, 10), weight_scaling="tile",
+                                                variation=ArrayVariation(0.3, 0.05, 0.01, 0.02)),
+                             dict(t_inference_s=3600.0, read_scale=0.5, drift_scale=3.0)),
+        "early_uncompensated": (_tables(PCM), dict(tile=(64, 64)), dict(t_inference_s=10.0, drift_compensation=False)),
+    }[case]
+    assert nm.curves(ap.get("t_inference_s", 25.0), torch.float32, "cpu")["exact"]
+    torch.manual_seed(0)
+    clean = [torch.randn(3, 40, 50) * 0.05, torch.randn(70, 33) * 0.05]
+
+    def run():
+        ts = [c.clone() for c in clean]
+        aw = AnalogWeights([AT(f"t{i}", "routed_experts", t, part=f"p{i}") for i, t in enumerate(ts)], nm, **kw)
+        aw.apply(7, **ap)
+        return ts + [aw.scale(f"t{i}") for i in range(len(ts))]
+
+    compiled = run()
+    if mapping.device_chain.failed:
+        pytest.skip("torch.compile is not available here: the noise pass runs eagerly")
+    monkeypatch.setattr(mapping.device_chain, "failed", True)
+    eager = run()
+    for a, b in zip(compiled, eager):
+        assert torch.equal(a, b)
+    assert not torch.equal(compiled[0], clean[0])
+
+
+def test_pcm_law_noise_pass_runs_eagerly():
+    """The PCM preset's drift law takes a log (MKL's eagerly, SLEEF's compiled): not compiled."""
+    assert not PCM.curves(86400.0, torch.float32, "cpu")["exact"]
+    assert _tables(PCM).curves(86400.0, torch.float32, "cpu")["exact"]

@@ -39,7 +39,7 @@ def use_capability_cache_dir() -> str:
     return path
 
 
-class _Kernel:
+class Kernel:
     """`fn`, compiled on first use; falls back to eager for good if compilation fails."""
 
     def __init__(self, fn):
@@ -60,7 +60,7 @@ class _Kernel:
                 return self.compiled(*args)
             except Exception as exc:  # no compiler, unsupported backend: the eager function is exact too
                 self.failed = True
-                warnings.warn(f"periphery kernels run eagerly (torch.compile failed: {type(exc).__name__}: "
+                warnings.warn(f"{self.fn.__name__.lstrip('_')} runs eagerly (torch.compile failed: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''})", RuntimeWarning, stacklevel=2)
         return self.fn(*args)
 
@@ -110,5 +110,5 @@ def _adc(u, table, idx, var, z_w, z_o, ss, gain: float, var_gain: float, w_coef:
     return u * (ws * step) * ss, clipped
 
 
-dac = _Kernel(_dac)
-adc = _Kernel(_adc)
+dac = Kernel(_dac)
+adc = Kernel(_adc)

@@ -45,7 +45,8 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-from romer.cim.noise_models import NoiseModel
+from romer.cim.kernels import Kernel
+from romer.cim.noise_models import NoiseModel, mul_add, nu_mean_std, sigma_prog, sigma_read
 from romer.core import numerics
 from romer.core.records import AnalogTensor
 
@@ -93,6 +94,55 @@ def _arrays(n: int, size: Optional[int]) -> tuple:
     return -(-n // size), size
 
 
+def _device_chain(w, k, z, mult, stuck, curves: dict, levels_q: Optional[float], clip: bool, prog_scale: float,
+                  read_scale: float, drift_scale: float, log_decay: Optional[float], stuck_frac: float, g_max: float,
+                  want_prog: bool, prog_abs: bool):
+    """The device physics of a block, elementwise: weights w [m, no, C, nt, R] (float32) at
+    conductance scale k to the differential readout G+ - G- at read time, and (want_prog) right
+    after programming (prog_abs: its magnitude, what drift compensation sums). z [draws, 2, *w.shape]:
+    the normals (programming, drift exponent, read); stuck: uniforms of the stuck devices, or None;
+    log_decay: ln(t0 / t) (None: no drift at t).
+
+    Compiled into one loop over memory where `curves["exact"]` (romer.cim.kernels), eager otherwise;
+    both give the same bytes (tests/test_cim.py): the multiply-adds round twice (noise_models.mul_add)
+    and the drift factor is romer.core.numerics.exp, not torch's pow."""
+    g = torch.stack((w.clamp(min=0), w.neg().clamp(min=0))).mul_(k)  # target conductances: g[0] = G+, g[1] = G-
+    if levels_q is not None:
+        g = g.mul_(levels_q).round_().div_(levels_q)
+    sig = sigma_prog(g, curves["prog"]).mul_(prog_scale)
+    if mult is not None:
+        sig = sig.mul_(mult)
+    g_prog = mul_add(z[0], sig, g)  # programming noise
+    if clip:
+        g_prog = g_prog.clamp_(min=0)
+    g_now = g_prog
+    i = 1
+    if curves["drift"] is not None:
+        mean, std = nu_mean_std(g, curves["drift"])
+        nu = mul_add(z[i], std, mean).abs_().mul_(drift_scale)  # aihwkit: |N(mean, std)| * drift_scale
+        i += 1
+        if log_decay is not None:
+            g_now = numerics.exp(nu.mul_(log_decay)).mul_(g_prog)  # g_prog * (t/t0)^(-nu)
+    if curves["read"] is not None:
+        sig = sigma_read(g_prog, g_now, curves["read"]).mul_(read_scale)
+        if mult is not None:
+            sig = sig.mul_(mult)
+        g_now = mul_add(z[i], sig, g_now)
+        if clip:
+            g_now = g_now.clamp_(min=0)
+    if stuck is not None:  # half at 0 (RESET), half at g_max (SET), whatever their target
+        def fill(st):
+            return torch.where(stuck < 0.5 * stuck_frac, 0.0, torch.where(stuck < stuck_frac, g_max, st))
+        g_prog, g_now = fill(g_prog), fill(g_now)
+    if not want_prog:
+        return g_now[0] - g_now[1], None
+    w_prog = g_prog[0] - g_prog[1]
+    return g_now[0] - g_now[1], (w_prog.abs_() if prog_abs else w_prog)
+
+
+device_chain = Kernel(_device_chain)
+
+
 class AnalogWeights:
     """A set of weight tensors that live on simulated analog arrays.
 
@@ -125,6 +175,7 @@ class AnalogWeights:
         self._where = {}  # (kind, layer, part, expert) -> name
         self._scale = {}  # name -> [M, out, n_input_arrays] alpha * w_max of the noisy state
         self._digital = {}  # name -> bool [M]: matrices put back to clean (digital) after noise
+        self._curves = None  # (noise model, read time, device, its NoiseModel.curves) of the last block
         for rec in tensors:
             name, t = rec.name, rec.tensor
             if name in self._clean:
@@ -308,60 +359,28 @@ class AnalogWeights:
             w_max = torch.maximum(w_max, rms.mul_(self.range_crest))
         k = torch.where(w_max > 0, g_max / w_max, torch.zeros_like(w_max))
 
-        # target conductances of the pair, stacked: g[0] = G+, g[1] = G-
-        g = torch.empty((2,) + w.shape, dtype=torch.float32, device=w.device)
-        torch.clamp(w, min=0, out=g[0])
-        torch.clamp(w.neg_(), min=0, out=g[1])
-        del w
-        g.mul_(k)
-        if self.levels is not None:
-            q = (self.levels - 1) / g_max
-            g.mul_(q).round_().div_(q)
-        mult = None if arrays is None else arrays["sigma_mult"].view(1, m, no, 1, nt, 1)
-
-        def randn():
-            return torch.randn(g.shape, generator=gen, device=g.device, dtype=torch.float32)
-
-        # programming noise
-        sig = nm.prog_sigma(g).mul_(prog_scale)
-        if mult is not None:
-            sig.mul_(mult)
-        g_prog = torch.addcmul(g, randn(), sig)
-        del sig
-        if nm.clip_at_zero:
-            g_prog.clamp_(min=0)
-        g_now = g_prog
-        drifted = False
-        if nm.has_drift:
-            mean, std = nm.drift_nu(g)
-            nu = torch.addcmul(mean, randn(), std).abs_().mul_(drift_scale)  # aihwkit: |N(mean, std)| * drift_scale
-            del mean, std
-            if t_inf > nm.t0:
-                drifted = True
-                g_now = torch.pow(nm.t0 / t_inf, nu, out=nu).mul_(g_prog)  # g_prog * (t/t0)^(-nu)
-            del nu
-        if nm.has_read_noise:
-            sig = nm.read_sigma(g_prog, t_inf, g_now=g_now).mul_(read_scale)
-            if mult is not None:
-                sig.mul_(mult)
-            g_now = torch.addcmul(g_now, randn(), sig)
-            del sig
-            if nm.clip_at_zero:
-                g_now.clamp_(min=0)
-            drifted = True
-        del g
+        # Every random number first, in the order the chain uses them: programming, drift exponent and
+        # read noise for both devices of the pair (one generator), then the stuck devices (the arrays').
+        n_draws = 1 + nm.has_drift + nm.has_read_noise
+        z = torch.empty((n_draws, 2) + w.shape, dtype=torch.float32, device=w.device)
+        for i in range(n_draws):
+            torch.randn(z.shape[1:], generator=gen, out=z[i])
+        stuck = None
         if arrays is not None and self.variation.stuck_frac > 0:
-            u = torch.rand(g_prog.shape, generator=agen, device=g_prog.device, dtype=torch.float32)
-            f = self.variation.stuck_frac
-            if g_now is g_prog:
-                g_now = g_prog.clone()
-            for st in (g_prog, g_now):
-                st.masked_fill_(u < 0.5 * f, 0.0)
-                st.masked_fill_((u >= 0.5 * f) & (u < f), g_max)
-            del u
-        w_prog = g_prog[0].sub_(g_prog[1]) if (comp and drifted) else None
-        out = g_now[0] - g_now[1] if g_now is g_prog else g_now[0].sub_(g_now[1])
-        del g_prog, g_now
+            stuck = torch.rand(z.shape[1:], generator=agen, device=w.device, dtype=torch.float32)
+        mult = None if arrays is None else arrays["sigma_mult"].view(1, m, no, 1, nt, 1)
+        c = self._curves  # the curves, built once per noise model, read time and device
+        if c is None or c[0] is not nm or c[1:3] != (t_inf, w.device):
+            c = self._curves = (nm, t_inf, w.device, nm.curves(t_inf, torch.float32, w.device))
+        curves = c[3]
+        log_decay = math.log(nm.t0 / t_inf) if nm.has_drift and t_inf > nm.t0 else None
+        drifted = log_decay is not None or nm.has_read_noise
+        gain_offset = arrays is not None and bool(self.variation.gain_std or self.variation.offset_std)
+        chain = device_chain if curves["exact"] else device_chain.fn  # compiled only where it gives the eager bytes
+        out, w_prog = chain(w, k, z, mult, stuck, curves, None if self.levels is None else (self.levels - 1) / g_max,
+                            bool(nm.clip_at_zero), prog_scale, read_scale, drift_scale, log_decay,
+                            0.0 if stuck is None else self.variation.stuck_frac, g_max, comp and drifted, not gain_offset)
+        del w, z, stuck
         if padded:  # devices outside the matrix do not exist: out of the readouts
             valid = torch.zeros((1, no * C, 1, nt * R), dtype=torch.bool, device=out.device)
             valid[:, :n_out, :, :n_in] = True
@@ -369,7 +388,7 @@ class AnalogWeights:
             out.masked_fill_(~valid, 0.0)
             if w_prog is not None:
                 w_prog.masked_fill_(~valid, 0.0)
-        if arrays is not None and (self.variation.gain_std or self.variation.offset_std):
+        if gain_offset:
             gain = arrays["gain"].view(m, no, 1, nt, 1)
             off = arrays["offset"].view(m, no, 1, nt, 1) * g_max
             out.mul_(gain).add_(off)
@@ -381,12 +400,12 @@ class AnalogWeights:
                     w_prog.masked_fill_(~valid, 0.0)
         wscale = w_max  # alpha * w_max per (row or array): the weight of a normalised array output of 1
         if w_prog is not None:  # drift compensation: differential readout of eye through the array
-            num = w_prog.abs_().sum(dim=(2, 4), keepdim=True, dtype=torch.float64)
+            num = (w_prog.abs_() if gain_offset else w_prog).sum(dim=(2, 4), keepdim=True, dtype=torch.float64)
             den = out.abs().sum(dim=(2, 4), keepdim=True, dtype=torch.float64)
             alpha = torch.where(den > 0, num / den, torch.ones_like(den)).to(torch.float32)  # [m, no, 1, nt, 1]
             wscale = wscale.mul_(alpha)
             del w_prog
-        out.mul_(wscale).mul_(1.0 / g_max)
+        out.mul_(wscale * (1.0 / g_max))
         out = out.reshape(m, no * C, nt * R)[:, :n_out, :n_in]
         ws = wscale.expand(m, no, C, nt, 1).reshape(m, no * C, nt)[:, :n_out].contiguous()
         return out, ws

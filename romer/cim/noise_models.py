@@ -60,6 +60,42 @@ def _uniform_step(xp: np.ndarray) -> Optional[float]:
     return float(d[0]) if d.size and d[0] > 0 and np.allclose(d, d[0], rtol=1e-9, atol=0) else None
 
 
+def uniform_grid(xp, fp, dtype, device) -> Optional[tuple]:
+    """A piecewise-linear curve on a uniform grid as `interp_grid` reads it: (x0, 1/step, n, f0, df),
+    f0 and df [n - 1] tensors; None when the grid is not uniform or has one point."""
+    import torch
+    xp_np = np.asarray(xp, dtype=np.float64).reshape(-1)
+    fp_np = np.asarray(fp, dtype=np.float64).reshape(-1)
+    step = _uniform_step(xp_np) if xp_np.size > 1 else None
+    if step is None:
+        return None
+    opts = {"dtype": dtype, "device": device}
+    return (float(xp_np[0]), 1.0 / step, int(xp_np.size), torch.as_tensor(fp_np[:-1], **opts),
+            torch.as_tensor(np.diff(fp_np), **opts))
+
+
+def mul_add(a, b, c):
+    """a * b + c, rounded after the multiply and after the add, eagerly and compiled alike.
+
+    Not torch.addcmul: eagerly (CPU and CUDA) that is a fused multiply-add, one rounding, which
+    compiled CPU code writes as a multiply and an add (2% of float32 results then differ by an ulp),
+    and an exact emulation of it there made the noise pass twice as slow."""
+    return a * b + c
+
+
+def interp_grid(x, grid):
+    """`interp` on a uniform grid (from `uniform_grid`), in plain torch ops: also what the compiled
+    noise pass runs (romer.cim.mapping), with the same bytes."""
+    import torch
+
+    x0, inv_step, n, f0, df = grid
+    u = (x - x0).mul_(inv_step).clamp_(0, n - 1)  # position in grid steps
+    idx = u.to(torch.int64).clamp_(max=n - 2)
+    w = u.sub_(idx)  # in [0, 1]
+    flat = idx.view(-1)
+    return w.mul_(df.take(flat).view_as(x)).add_(f0.take(flat).view_as(x))  # two roundings: see mul_add
+
+
 def interp(x: torch.Tensor, xp, fp) -> torch.Tensor:
     """Piecewise-linear interpolation of (xp, fp) at x, held constant beyond the ends (torch).
 
@@ -72,17 +108,10 @@ def interp(x: torch.Tensor, xp, fp) -> torch.Tensor:
     fp_np = np.asarray(fp, dtype=np.float64).reshape(-1)
     if xp_np.size == 1:
         return torch.full_like(x, float(fp_np[0]))
-    step = _uniform_step(xp_np)
+    grid = uniform_grid(xp_np, fp_np, x.dtype, x.device)
+    if grid is not None:
+        return interp_grid(x, grid)
     opts = {"dtype": x.dtype, "device": x.device}
-    if step is not None:
-        n = xp_np.size
-        u = (x - float(xp_np[0])).mul_(1.0 / step).clamp_(0, n - 1)  # position in grid steps
-        idx = u.to(torch.int64).clamp_(max=n - 2)
-        w = u.sub_(idx)  # in [0, 1]
-        f0 = torch.as_tensor(fp_np[:-1], **opts)
-        df = torch.as_tensor(np.diff(fp_np), **opts)
-        flat = idx.view(-1)
-        return torch.addcmul(f0.take(flat).view_as(x), w, df.take(flat).view_as(x))
     xp_t = torch.as_tensor(xp_np, **opts)
     fp_t = torch.as_tensor(fp_np, **opts)
     idx = torch.searchsorted(xp_t, x.contiguous()).clamp(1, xp_t.numel() - 1)
@@ -90,6 +119,41 @@ def interp(x: torch.Tensor, xp, fp) -> torch.Tensor:
     w = ((x - x0) / (x1 - x0)).clamp(0, 1)
     f0 = fp_t[idx - 1]
     return f0 + w * (fp_t[idx] - f0)
+
+
+def pcm_read_q(g, g_max: float):
+    """The PCM read-noise law's Q_s = min(0.0088 / x^0.65, 0.2), x = |g_prog| / g_max (the clamp at
+    1e-3 g_max is below the cap's reach)."""
+    return g.abs().clamp_min(1e-3 * g_max).pow_(-0.65).mul_(0.0088 * g_max**0.65).clamp_max_(0.2)
+
+
+def _curve(x, curve):
+    kind, c = curve
+    return interp_grid(x, c) if kind == "grid" else interp(x, *c)
+
+
+def sigma_prog(g, curve):
+    """Programming-noise sigma at target g, from NoiseModel.curves()["prog"]."""
+    kind, c = curve
+    return (poly_eval(c, g) if kind == "poly" else _curve(g, curve)).clamp_min(0)
+
+
+def nu_mean_std(g, curve):
+    """(mean, std) of the drift exponent at target g, from NoiseModel.curves()["drift"]."""
+    kind, c = curve
+    if kind == "pcm":
+        x = (g / c).abs().clamp_min(1e-7).log()
+        return (-0.0155 * x + 0.0244).clamp(0.049, 0.1), (-0.0125 * x - 0.0059).clamp(0.008, 0.045)
+    return _curve(g, c[0]), _curve(g, c[1]).clamp_min(0)
+
+
+def sigma_read(g_prog, g_now, curve):
+    """Read-noise sigma of a device programmed to g_prog, now at g_now, from NoiseModel.curves()["read"]."""
+    kind, c = curve
+    if kind == "pcm":
+        g_max, time_factor = c
+        return pcm_read_q(g_prog, g_max).mul_(g_now.abs()).mul_(time_factor)
+    return _curve(g_prog, curve).clamp_min(0)
 
 
 def _interp_rows_log_t(times, table, t):
@@ -135,13 +199,50 @@ class NoiseModel:
     preset: Optional[dict] = None  # {"name": ..., ...args} for presets
     extra: Optional[dict] = None  # fitted: the full fit JSON (levels, R², ...)
 
+    # --- the laws, as curves: what the noise pass (romer.cim.mapping) evaluates, compiled or eagerly
+    def curves(self, t_s: Optional[float], dtype, device) -> dict:
+        """{"prog", "drift", "read"}: each law as a (kind, data) pair of plain tensors and numbers,
+        built outside any compiled code, for `sigma_prog`, `nu_mean_std` and `sigma_read` (read:
+        at read time t_s; None: no read curve). "exact": whether compiled code evaluates them with
+        the eager bytes: not for a table on a non-uniform grid (searchsorted), nor for the PCM drift
+        law (its log is MKL's when eager and SLEEF's when compiled; they differ in the last bit), nor
+        for the PCM read law (a pow: SLEEF's or libm's, by where the element falls in the loop)."""
+        exact = True
+
+        def table(xp, fp):
+            nonlocal exact
+            grid = uniform_grid(xp, fp, dtype, device)
+            if grid is None:
+                exact = False
+                return ("table", (xp, fp))
+            return ("grid", grid)
+
+        prog = ("poly", tuple(self.prog_poly_g())) if self.prog_coeffs is not None else table(*self.prog_table)
+        drift = None
+        if self.drift is not None:
+            if self.drift["law"] == "pcm":
+                exact = False
+                drift = ("pcm", float(self.g_max))
+            else:
+                drift = ("tables", (table(self.drift["g_uS"], self.drift["mean"]),
+                                    table(self.drift["g_uS"], self.drift["std"])))
+        read = None
+        if self.read is not None and t_s is not None:
+            if self.read["law"] == "pcm":
+                exact = False  # its pow(-0.65), as the drift factor (romer.cim.mapping)
+                t_read = self.read.get("t_read_s", 250e-9)
+                read = ("pcm", (float(self.g_max), math.sqrt(math.log((t_s + t_read) / (2 * t_read)))))
+            else:
+                read = table(self.read["g_uS"], _interp_rows_log_t(self.read["t_s"], self.read["sigma_uS"], t_s))
+        return {"prog": prog, "drift": drift, "read": read, "exact": exact}
+
+    def prog_poly_g(self) -> list:
+        """The programming-sigma polynomial in powers of g (not g/g_max): one pass fewer."""
+        return [c / self.g_max**k for k, c in enumerate(self.prog_coeffs)]
+
     # --- programming noise
     def prog_sigma(self, g: torch.Tensor) -> torch.Tensor:
-        if self.prog_coeffs is not None:  # in powers of g (not g/g_max): one pass fewer
-            s = poly_eval([c / self.g_max**k for k, c in enumerate(self.prog_coeffs)], g)
-        else:
-            s = interp(g, *self.prog_table)
-        return s.clamp_min(0)
+        return sigma_prog(g, self.curves(None, g.dtype, g.device)["prog"])
 
     # --- drift
     @property
@@ -154,12 +255,7 @@ class NoiseModel:
         if self.drift is None:
             z = torch.zeros_like(g)
             return z, z
-        if self.drift["law"] == "pcm":
-            x = (g / self.g_max).abs().clamp_min(1e-7).log()
-            mean = (-0.0155 * x + 0.0244).clamp(0.049, 0.1)
-            std = (-0.0125 * x - 0.0059).clamp(0.008, 0.045)
-            return mean, std
-        return interp(g, self.drift["g_uS"], self.drift["mean"]), interp(g, self.drift["g_uS"], self.drift["std"]).clamp_min(0)
+        return nu_mean_std(g, self.curves(None, g.dtype, g.device)["drift"])
 
     # --- read noise
     @property
@@ -175,17 +271,11 @@ class NoiseModel:
         import torch
         if self.read is None:
             return torch.zeros_like(g)
-        if self.read["law"] == "pcm":
-            t_read = self.read.get("t_read_s", 250e-9)
-            # Q_s = min(0.0088 / x^0.65, 0.2), x = |g_prog| / g_max (the clamp at 1e-3 g_max is below the cap's reach)
-            q = g.abs().clamp_min(1e-3 * self.g_max).pow_(-0.65).mul_(0.0088 * self.g_max**0.65).clamp_max_(0.2)
-            if g_now is None:
-                g_now = g
-                if self.has_drift and t_s > self.t0:
-                    g_now = g * torch.pow(self.t0 / t_s, self.drift_nu(g)[0])
-            return q.mul_(g_now.abs()).mul_(math.sqrt(math.log((t_s + t_read) / (2 * t_read))))
-        row = _interp_rows_log_t(self.read["t_s"], self.read["sigma_uS"], t_s)
-        return interp(g, self.read["g_uS"], row).clamp_min(0)
+        if g_now is None:
+            g_now = g
+            if self.read["law"] == "pcm" and self.has_drift and t_s > self.t0:
+                g_now = g * torch.pow(self.t0 / t_s, self.drift_nu(g)[0])
+        return sigma_read(g, g_now, self.curves(t_s, g.dtype, g.device)["read"])
 
     # --- JSON
     def grid(self):
