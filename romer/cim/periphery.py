@@ -352,7 +352,8 @@ class Periphery(TorchFunctionMode):
         counts = torch.diff(offs.to(torch.int64), prepend=offs.new_zeros(1, dtype=torch.int64))
         expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts)  # expert of each row
         n = expert.numel()
-        out = torch.zeros((x.shape[0], w_t.shape[-1]), dtype=out_dtype or x.dtype, device=x.device)
+        out = torch.empty((x.shape[0], w_t.shape[-1]), dtype=out_dtype or x.dtype, device=x.device)
+        out[n:].zero_()  # rows past the last group (if any) are not any expert's: 0, as _grouped_mm leaves them
         if n == 0:
             return out
         for r0 in range(0, n, ROW_CHUNK):
