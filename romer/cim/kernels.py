@@ -25,6 +25,8 @@ import warnings
 
 import torch
 
+from romer.core.numerics import sqrt as _ieee_sqrt
+
 
 def use_capability_cache_dir() -> str:
     """Point torch.compile's on-disk cache at a directory of this process's CPU capability (the one
@@ -84,8 +86,7 @@ def _sqrt(x):
     use MKL VML's (vendor-dependent last bit; romer.core.numerics.sqrt)."""
     if torch.compiler.is_compiling():
         return torch.sqrt(x)
-    from romer.core.numerics import sqrt
-    return sqrt(x)
+    return _ieee_sqrt(x)
 
 
 def _adc(u, table, idx, var, z_w, z_o, ss, gain: float, var_gain: float, w_coef: float, o_coef: float,
