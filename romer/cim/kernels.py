@@ -1,4 +1,5 @@
-"""The periphery's elementwise work, fused: one pass for the DAC and one for the ADC side.
+"""Elementwise work compiled into single loops: the periphery's DAC and ADC sides (below), and the
+noise pass's device chain (romer.cim.mapping.device_chain, which uses `Kernel`).
 
 Written eagerly, the DAC/ADC path of `romer.cim.periphery` is a dozen passes over [rows, out]
 tensors per input array (scale gather, reciprocal, noise, rounding, clipping, rescale), and on a
