@@ -30,6 +30,7 @@ from romer.moe.routing import Recorder
 from romer.pipeline.stages import _pct_to_json, clean_percentiles, clean_router_targets, evaluate_seed
 
 from ablation import compare  # noqa: E402  (benchmarks/ is the script's directory)
+from calibration_mechanism import MODELS  # noqa: E402
 from validation import add_validation_args, validation_experiment, validation_params  # noqa: E402
 
 
@@ -52,11 +53,16 @@ def main(argv=None):
     add_validation_args(ap, max_tokens=32768)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25],
                     help="fractions of each layer's experts kept digital")
-    ap.add_argument("--out", default="benchmarks/results/hetero_plus.json")
+    ap.add_argument("--family", default="olmoe", choices=list(MODELS),
+                    help="olmoe: the pipeline's model; the others need `make beyond`")
+    ap.add_argument("--out", default=None,
+                    help="default benchmarks/results/hetero_plus.json (olmoe), else hetero_plus_<family>.json")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = f"benchmarks/results/hetero_plus{'' if args.family == 'olmoe' else '_' + args.family}.json"
     t0 = time.time()
     params = validation_params(args)
-    exp, eval_w, calib_w = validation_experiment(args, params)
+    exp, eval_w, calib_w = validation_experiment(args, params, model_dir=MODELS[args.family])
     e = params.eval
     exp.set_state(None)
     clean_rec = Recorder(indices=True)
@@ -77,7 +83,8 @@ def main(argv=None):
     rows["romer"] = rows.pop("romer_plus")
     out = compare(rows)
     out = {"note": "'romer' in this file is romer_plus (the router refit), the reference of every romer_vs row",
-           "dataset": args.dataset, "tokens": int(eval_w.numel()), "seeds": args.seeds, "clean_ppl": clean,
+           "family": args.family, "dataset": args.dataset, "tokens": int(eval_w.numel()), "seeds": args.seeds,
+           "clean_ppl": clean,
            "fractions": args.fractions, **out, "seconds": time.time() - t0}
     write_json(args.out, out)
     print(f"wrote {args.out} ({out['seconds']:.0f} s)")

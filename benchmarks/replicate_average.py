@@ -45,6 +45,7 @@ from romer.moe.routing import LayerRouting, Recorder
 from romer.pipeline.stages import clean_percentiles, clean_router_targets, router_plan
 
 from ablation import compare  # noqa: E402  (benchmarks/ is the script's directory)
+from calibration_mechanism import MODELS  # noqa: E402
 from validation import add_validation_args, validation_experiment, validation_params  # noqa: E402
 
 
@@ -121,12 +122,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_validation_args(ap)
     ap.add_argument("--budgets", type=int, nargs="+", default=[4, 8, 16], help="experts freed and copied per layer")
-    ap.add_argument("--out", default="benchmarks/results/replicate_average.json")
+    ap.add_argument("--family", default="olmoe", choices=list(MODELS),
+                    help="olmoe: the pipeline's model; the others need `make beyond`")
+    ap.add_argument("--out", default=None,
+                    help="default benchmarks/results/replicate_average.json (olmoe), else replicate_average_<family>.json")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = f"benchmarks/results/replicate_average{'' if args.family == 'olmoe' else '_' + args.family}.json"
 
     t0 = time.time()
     params = validation_params(args)
-    exp, eval_w, calib_w = validation_experiment(args, params)
+    exp, eval_w, calib_w = validation_experiment(args, params, model_dir=MODELS[args.family])
     e = params.eval
     E = exp.num_experts
 
@@ -170,7 +176,7 @@ def main(argv=None):
     rows["romer"] = rows.pop("romer_plus")
     out = compare(rows)
     out = {"note": "'romer' in this file is romer_plus (the router refit), the reference of every romer_vs row",
-           "dataset": args.dataset, "tokens": int(eval_w.numel()), "seeds": args.seeds, "clean_ppl": clean,
+           "family": args.family, "dataset": args.dataset, "tokens": int(eval_w.numel()), "seeds": args.seeds, "clean_ppl": clean,
            "prediction_seeds": list(params.calib.seeds), "budgets": args.budgets,
            "plans": {m: p["layers"] for m, p in plans.items()},
            "predicted_rel_err": {layer: st["rel_err"].tolist() for layer, st in stats.items()},
