@@ -345,3 +345,21 @@ def test_pcm_law_noise_pass_runs_eagerly():
     """The PCM preset's drift law takes a log (MKL's eagerly, SLEEF's compiled): not compiled."""
     assert not PCM.curves(86400.0, torch.float32, "cpu")["exact"]
     assert _tables(PCM).curves(86400.0, torch.float32, "cpu")["exact"]
+
+
+def test_exp_is_accurate_and_the_same_compiled():
+    """noise_models.exp (the drift factor of the noise pass): within 2 float32 ulps of the
+    exact value over [-87, 0], and the same bytes eagerly and under torch.compile."""
+    from romer.cim import noise_models
+
+    y = torch.cat([torch.linspace(-87.0, 0.0, 200_001), -torch.rand(100_000) * 5, torch.tensor([0.0, -1e-30])])
+    e = noise_models.exp(y)
+    ref = torch.exp(y.double())
+    ulp = (torch.nextafter(ref.float(), torch.tensor(float("inf"))) - ref.float()).double()
+    assert float(((e.double() - ref).abs() / ulp).max()) < 2.0
+    assert float(noise_models.exp(torch.tensor([-200.0]))) > 0  # clamped at exp(-87), no subnormal
+    try:
+        compiled = torch.compile(noise_models.exp, dynamic=True, fullgraph=True)(y)
+    except Exception as exc:  # no C++ compiler here
+        pytest.skip(f"torch.compile unavailable: {type(exc).__name__}")
+    assert torch.equal(compiled, e)

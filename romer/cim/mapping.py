@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from romer.cim.kernels import Kernel
-from romer.cim.noise_models import NoiseModel, mul_add, nu_mean_std, sigma_prog, sigma_read
+from romer.cim.noise_models import NoiseModel, exp, mul_add, nu_mean_std, sigma_prog, sigma_read
 from romer.core import numerics
 from romer.core.records import AnalogTensor
 
@@ -105,7 +105,7 @@ def _device_chain(w, k, z, mult, stuck, curves: dict, levels_q: Optional[float],
 
     Compiled into one loop over memory where `curves["exact"]` (romer.cim.kernels), eager otherwise;
     both give the same bytes (tests/test_cim.py): the multiply-adds round twice (noise_models.mul_add)
-    and the drift factor is romer.core.numerics.exp, not torch's pow."""
+    and the drift factor is noise_models.exp, not torch's pow."""
     g = torch.stack((w.clamp(min=0), w.neg().clamp(min=0))).mul_(k)  # target conductances: g[0] = G+, g[1] = G-
     if levels_q is not None:
         g = g.mul_(levels_q).round_().div_(levels_q)
@@ -122,7 +122,7 @@ def _device_chain(w, k, z, mult, stuck, curves: dict, levels_q: Optional[float],
         nu = mul_add(z[i], std, mean).abs_().mul_(drift_scale)  # aihwkit: |N(mean, std)| * drift_scale
         i += 1
         if log_decay is not None:
-            g_now = numerics.exp(nu.mul_(log_decay)).mul_(g_prog)  # g_prog * (t/t0)^(-nu)
+            g_now = exp(nu.mul_(log_decay)).mul_(g_prog)  # g_prog * (t/t0)^(-nu)
     if curves["read"] is not None:
         sig = sigma_read(g_prog, g_now, curves["read"]).mul_(read_scale)
         if mult is not None:

@@ -83,6 +83,31 @@ def mul_add(a, b, c):
     return a * b + c
 
 
+_LN2_HI = 0.693145751953125  # ln 2 split (Cody and Waite): k * _LN2_HI is exact for |k| < 2^11
+_LN2_LO = 1.4286068203094172e-06
+_EXP_TAYLOR = [1.0 / math.factorial(n) for n in range(8)]  # degree 7: truncation < 6e-9 relative on |r| <= ln2 / 2
+
+
+def exp(y):
+    """exp of a float32 tensor in plain arithmetic (round, multiply, add, an exponent-field shift): the
+    same bytes eagerly and compiled, on any CPU. The noise pass's drift factor (romer.cim.mapping).
+
+    torch's own exp is MKL's when eager and SLEEF's when compiled, and its pow is SLEEF's or libm's
+    by where the element falls in the loop; either differs in the last bit between the paths. This one
+    is within 2 float32 ulps of the exact value (tests/test_cim.py). Inputs below -87 give
+    exp(-87) ~ 1.6e-38 instead of a subnormal."""
+    import torch
+
+    y = y.clamp(min=-87.0)
+    k = torch.round(y * (1.0 / math.log(2.0)))
+    r = (y - k * _LN2_HI) - k * _LN2_LO  # |r| <= ln2 / 2 (plus rounding)
+    p = r * _EXP_TAYLOR[-1] + _EXP_TAYLOR[-2]
+    for c in reversed(_EXP_TAYLOR[:-2]):
+        p = p * r + c
+    two_k = ((k.to(torch.int32) + 127) << 23).view(torch.float32)  # 2^k, exact
+    return p * two_k
+
+
 def interp_grid(x, grid):
     """`interp` on a uniform grid (from `uniform_grid`), in plain torch ops: also what the compiled
     noise pass runs (romer.cim.mapping), with the same bytes."""
