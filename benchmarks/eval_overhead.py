@@ -28,7 +28,7 @@ import torch
 
 from romer.moe.adapters import analog_tensors, get_adapter
 from romer.methods.calibration import make_transform
-from romer.cim.mapping import AnalogWeights
+from romer.cim.mapping import AnalogWeights, device_chain
 from romer.cim.periphery import Periphery, periphery_config
 from romer.evaluation.measure import nll_pass
 from romer.pipeline.experiment import Experiment
@@ -135,7 +135,7 @@ def main(argv=None):
     pcfg = periphery_config(args.periphery)
     cim = params.cim if params is not None else None  # the pipeline's mapping (tile, full-scale crest)
     weights = AnalogWeights(analog_tensors(model, adapter, ANALOG_KINDS), noise_model,
-                            tile=tuple(cim.tile) if cim and cim.tile else (512, 512),
+                            tile=(tuple(cim.tile) if cim.tile else None) if cim else (512, 512),
                             weight_scaling=pcfg.weight_scaling, range_crest=cim.range_crest if cim else 12.0)
     t_setup = time.perf_counter() - t0
     plan = make_plan({b.layer: torch.linspace(0.001, 2, E).softmax(0).tolist() for b in blocks}, 0.25, 2, "copy_router")
@@ -179,7 +179,8 @@ def main(argv=None):
         "eval_tokens_per_s": n_tokens / t_eval,
         "eval_vs_forward_ratio": t_plain / t_eval,
         "noise": args.noise,
-        "noise_pass_compiled": bool(noise_model.curves(86400.0, torch.float32, args.device)["exact"]),
+        "noise_pass_compiled": bool(noise_model.curves(86400.0, torch.float32, args.device)["exact"])
+        and not device_chain.failed,  # exact curves, and torch.compile worked here
         "noise_pass_s": t_noise,
         "rng_floor_s": t_rng,
         "noise_pass_vs_rng_floor": t_noise / t_rng,
