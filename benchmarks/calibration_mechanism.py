@@ -28,10 +28,8 @@ from romer.evaluation.measure import mean_ci, paired_reduction, perplexity
 from romer.methods.calibration import compose, make_transform
 from romer.pipeline.stages import clean_percentiles
 
-from validation import add_validation_args, validation_experiment, validation_params  # noqa: E402  (benchmarks/)
+from validation import MODELS, add_validation_args, validation_experiment, validation_params  # noqa: E402  (benchmarks/)
 
-MODELS = {"olmoe": "models/model", "qwen2_moe": "models/families/qwen2_moe",
-          "deepseek_moe": "models/families/deepseek_moe", "deepseek_v3": "models/families/deepseek_v3"}
 ROUTINGS = ("noisy", "calibrated", "selection_only", "weights_only", "temperature")
 
 

@@ -7,7 +7,11 @@ Measures on the same model and the same tokens:
   (c) one noise pass plus one restore of the clean weights: seconds, against the RNG floor (the time
       torch takes to draw the pass's normals, 3 per conductance, 2 conductances per weight);
   (d) the evaluation path of (b) with the periphery (--periphery, default aihwkit-io-default) on
-      every analog matmul: tokens/s and its ratio to the plain forward.
+      every analog matmul: tokens/s and its ratio to the plain forward;
+  (e) the memory floor of (d): the evaluation path of (b) with each analog matmul wrapped in the
+      least work any periphery around the library's matmuls must do (its inputs read and written
+      once, as a DAC would; its outputs read once with their noise and written once, as an ADC
+      would). No implementation of (d) that calls torch's matmuls can be faster than (e).
 Warm-up, then the median of --repeats. With --json the last line is one JSON object.
 
   python benchmarks/eval_overhead.py                       # builtin model if trained, else tiny random
@@ -25,6 +29,8 @@ from pathlib import Path
 
 import romer  # noqa: F401  (before torch: pins the CPU numerical modes)
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from romer.moe.adapters import analog_tensors, get_adapter
 from romer.methods.calibration import make_transform
@@ -43,6 +49,10 @@ SHAPES = {
     "olmoe-1b-7b": dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
                         num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
                         max_position_embeddings=4096, norm_topk_prob=False, clip_qkv=None),
+    # A CPU-sized model as wide as a small real MoE: where (d) and (e) approach the plain forward.
+    "wide": dict(vocab_size=4096, hidden_size=1024, intermediate_size=512, num_hidden_layers=2,
+                 num_attention_heads=8, num_key_value_heads=8, num_experts=64, num_experts_per_tok=8,
+                 max_position_embeddings=512, norm_topk_prob=False, clip_qkv=None),
     "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
                  max_position_embeddings=512),
@@ -65,6 +75,45 @@ def timed(fn, device, repeats, warmup=1):
         sync(device)
         out.append(time.perf_counter() - t)
     return statistics.median(out)
+
+
+class PeripheryFloor(TorchFunctionMode):
+    """(e): each analog matmul with its inputs copied once (x read, x' written) and its outputs read
+    once with a noise term and written once: the memory traffic of a DAC and an ADC, nothing else."""
+
+    def __init__(self, storages, numel):
+        super().__init__()
+        self.storages = storages
+        self.noise = torch.randn(numel)
+
+    def _noisy(self, u):
+        return torch.add(u, self.noise[:u.numel()].view(u.shape).to(u.device, u.dtype))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        w = args[1] if len(args) > 1 else kwargs.get("weight")
+        if isinstance(w, torch.Tensor) and w.untyped_storage().data_ptr() in self.storages:
+            if func is F.linear or func is torch._C._nn.linear:
+                return self._noisy(func(args[0] * 1.0, *args[1:], **kwargs))
+            if func is torch._grouped_mm:
+                return self._noisy(func(args[0] * 1.0, *args[1:], **kwargs))
+        return func(*args, **kwargs)
+
+
+def with_mode(model, mode, storages):
+    """Hooks that enter `mode` while a module owning an analog tensor runs; returns their handles."""
+    hooks = []
+
+    def enter(module, args):
+        mode.__enter__()
+
+    def leave(module, args, output):
+        mode.__exit__(None, None, None)
+
+    for module in model.modules():
+        if any(p.untyped_storage().data_ptr() in storages for p in module.parameters(recurse=False)):
+            hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
+    return hooks
 
 
 def build_random(shape, device, dtype, experts_impl="grouped_mm"):
@@ -163,6 +212,13 @@ def main(argv=None):
     t_eval_p = timed(eval_path, args.device, args.repeats)
     periphery.enabled = False
     periphery.remove()
+    storages = {r.tensor.untyped_storage().data_ptr() for r in weights.records}
+    floor_mode = PeripheryFloor(storages, args.batch * args.seq_len * max(model.config.num_experts_per_tok, 1)
+                                * max(model.config.hidden_size, 2 * model.config.intermediate_size))
+    hooks = with_mode(model, floor_mode, storages)
+    t_floor = timed(eval_path, args.device, args.repeats)
+    for h in hooks:
+        h.remove()
     weights.restore()
 
     res = {
@@ -187,6 +243,7 @@ def main(argv=None):
         "periphery": pcfg.name,
         "eval_periphery_tokens_per_s": n_tokens / t_eval_p,
         "eval_periphery_vs_forward_ratio": t_plain / t_eval_p,
+        "eval_periphery_floor_vs_forward_ratio": t_plain / t_floor,
         "restore_s": t_restore,
         "clean_copy_setup_s": t_setup,
         "eval_set_tokens": eval_set_tokens,

@@ -30,8 +30,8 @@ from romer.moe.routing import Recorder
 from romer.pipeline.stages import _pct_to_json, clean_percentiles, clean_router_targets, evaluate_seed
 
 from ablation import compare  # noqa: E402  (benchmarks/ is the script's directory)
-from calibration_mechanism import MODELS  # noqa: E402
-from validation import add_validation_args, validation_experiment, validation_params  # noqa: E402
+from validation import (MODELS, add_family_args, add_validation_args, family_out, validation_experiment,  # noqa: E402
+                        validation_params)
 
 
 def specs_for(exp, fractions) -> dict:
@@ -53,13 +53,9 @@ def main(argv=None):
     add_validation_args(ap, max_tokens=32768)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25],
                     help="fractions of each layer's experts kept digital")
-    ap.add_argument("--family", default="olmoe", choices=list(MODELS),
-                    help="olmoe: the pipeline's model; the others need `make beyond`")
-    ap.add_argument("--out", default=None,
-                    help="default benchmarks/results/hetero_plus.json (olmoe), else hetero_plus_<family>.json")
+    add_family_args(ap, "hetero_plus")
     args = ap.parse_args(argv)
-    if args.out is None:
-        args.out = f"benchmarks/results/hetero_plus{'' if args.family == 'olmoe' else '_' + args.family}.json"
+    family_out(args, "hetero_plus")
     t0 = time.time()
     params = validation_params(args)
     exp, eval_w, calib_w = validation_experiment(args, params, model_dir=MODELS[args.family])

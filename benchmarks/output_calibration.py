@@ -46,8 +46,7 @@ from romer.moe.routing import LayerRouting, Recorder, StopForward, routed
 from romer.pipeline.stages import clean_percentiles, clean_router_targets, router_plan
 
 from ablation import compare  # noqa: E402  (benchmarks/ is the script's directory)
-from calibration_mechanism import MODELS  # noqa: E402
-from validation import add_validation_args, validation_experiment, validation_params  # noqa: E402
+from validation import MODELS, add_validation_args, validation_experiment, validation_params  # noqa: E402
 
 VARIANTS = {"gain_only": dict(refit=False, free=("g",)), "output_cal": dict(refit=False, free=("a", "b", "g")),
             "output_cal_local": dict(refit=False, free=("a", "b", "g"), local=True),
@@ -145,17 +144,32 @@ def fit_layer(adapter, router, logits, Y, s, target, a0, b0, free, iters=100) ->
     opt = torch.optim.LBFGS([p for p in (a, b, log_g) if p.requires_grad], lr=1, max_iter=iters,
                             history_size=20, line_search_fn="strong_wolfe")
 
+    params = [a, b, log_g]
+    best = [start, [p.detach().clone() for p in params]]
+
     def closure():
         opt.zero_grad()
         v = loss()
         v.backward()
+        if float(v) < best[0]:  # every point the search evaluates, trial steps included
+            best[0], best[1] = float(v), [p.detach().clone() for p in params]
         return v
 
-    opt.step(closure)
+    error = None
+    try:
+        opt.step(closure)
+    except RuntimeError as exc:  # a line-search step too large for float32 (flat directions: measured on DeepSeek-V3)
+        error = str(exc).splitlines()[0]
     with torch.no_grad():
+        if error is not None or not torch.isfinite(loss()):  # then the best point the search saw (or the start)
+            for p, v in zip(params, best[1]):
+                p.copy_(v)
         end = float(loss())
-    return {"a": a.detach().double(), "b": b.detach().double(), "g": float(log_g.detach().exp()),
-            "rel_err": {"raw": raw, "init": start, "fitted": end}}
+    out = {"a": a.detach().double(), "b": b.detach().double(), "g": float(log_g.detach().exp()),
+           "rel_err": {"raw": raw, "init": start, "fitted": end}}
+    if error is not None:
+        out["lbfgs_error"] = error
+    return out
 
 
 def gain_post(g):
@@ -197,7 +211,8 @@ def output_calibrate(exp, calib_w, clean_out, clean_pct, targets, refit, free, s
         got = fit_layer(exp.adapter, block.router, logits, Y, s, target, a0, b0, free)
         plan[layer] = LayerRouting(logits_fn=logits_fn, transform=make_transform(got["a"], got["b"]),
                                    post=gain_post(got["g"]))
-        report[layer] = {"g": got["g"], "rel_err": got["rel_err"]}
+        report[layer] = {"g": got["g"], "rel_err": got["rel_err"], **({"lbfgs_error": got["lbfgs_error"]}
+                                                                      if "lbfgs_error" in got else {})}
         del Y
     exp.restart_periphery()
     return plan, report

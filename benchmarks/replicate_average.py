@@ -45,8 +45,8 @@ from romer.moe.routing import LayerRouting, Recorder
 from romer.pipeline.stages import clean_percentiles, clean_router_targets, router_plan
 
 from ablation import compare  # noqa: E402  (benchmarks/ is the script's directory)
-from calibration_mechanism import MODELS  # noqa: E402
-from validation import add_validation_args, validation_experiment, validation_params  # noqa: E402
+from validation import (MODELS, add_family_args, add_validation_args, family_out, validation_experiment,  # noqa: E402
+                        validation_params)
 
 
 def expert_stats(exp, calib_w, pred_seeds) -> dict:
@@ -122,13 +122,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_validation_args(ap)
     ap.add_argument("--budgets", type=int, nargs="+", default=[4, 8, 16], help="experts freed and copied per layer")
-    ap.add_argument("--family", default="olmoe", choices=list(MODELS),
-                    help="olmoe: the pipeline's model; the others need `make beyond`")
-    ap.add_argument("--out", default=None,
-                    help="default benchmarks/results/replicate_average.json (olmoe), else replicate_average_<family>.json")
+    add_family_args(ap, "replicate_average")
     args = ap.parse_args(argv)
-    if args.out is None:
-        args.out = f"benchmarks/results/replicate_average{'' if args.family == 'olmoe' else '_' + args.family}.json"
+    family_out(args, "replicate_average")
 
     t0 = time.time()
     params = validation_params(args)

@@ -11,6 +11,9 @@ from romer.core.params import load_params
 from romer.pipeline.experiment import Experiment
 
 VALIDATION_SEEDS = [1000, 1001, 1002, 1003, 1004]
+# Each family's model: the pipeline's (olmoe) and the ones `make beyond` trains.
+MODELS = {"olmoe": "models/model", "qwen2_moe": "models/families/qwen2_moe",
+          "deepseek_moe": "models/families/deepseek_moe", "deepseek_v3": "models/families/deepseek_v3"}
 
 
 def add_validation_args(ap, max_tokens=None):
@@ -18,6 +21,21 @@ def add_validation_args(ap, max_tokens=None):
     ap.add_argument("--dataset", default="builtin-validation")
     ap.add_argument("--seeds", type=int, nargs="+", default=VALIDATION_SEEDS)
     ap.add_argument("--max-tokens", type=int, default=max_tokens)
+
+
+def add_family_args(ap, name: str):
+    """--family (one model of MODELS) and --out (default benchmarks/results/<name>.json for the
+    pipeline's model, <name>_<family>.json for another); `family_out` fills the default in."""
+    ap.add_argument("--family", default="olmoe", choices=list(MODELS),
+                    help="olmoe: the pipeline's model; the others need `make beyond`")
+    ap.add_argument("--out", default=None,
+                    help=f"default benchmarks/results/{name}.json (olmoe), else {name}_<family>.json")
+
+
+def family_out(args, name: str) -> str:
+    if args.out is None:
+        args.out = f"benchmarks/results/{name}{'' if args.family == 'olmoe' else '_' + args.family}.json"
+    return args.out
 
 
 def validation_params(args):
