@@ -56,3 +56,42 @@ def test_kept_families(tmp_path):
     assert oc.kept_families(str(path), header, ["deepseek_v3"]) == {"olmoe": {"noisy": 1.0, "seconds": 5.0}}
     assert oc.kept_families(str(path), header, ["olmoe"]) == {}
     assert oc.kept_families(str(path), {**header, "max_tokens": 128}, ["deepseek_v3"]) == {}
+
+
+def test_fit_keeps_the_best_point_when_the_line_search_overflows(monkeypatch):
+    """On DeepSeek-V3, L-BFGS once stepped too far for float32 and raised: the fit then keeps the
+    best point it evaluated (never worse than the start) and says so."""
+    exp = Experiment(Params(cim={"tile": [16, 16]}), model=build("olmoe"), noise_model=pcm_joshi2020())
+    windows = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(0))
+    exp.set_state(None)
+    clean_out = oc.clean_block_outputs(exp, windows)
+    block = exp.blocks[0]
+    exp.set_state(3)
+    logits, Y, s = oc.decompose(exp, block, oc.block_inputs(exp, windows, block.layer, {}))
+    E = exp.num_experts
+    visited = []
+
+    class Overflowing:
+        def __init__(self, params, **kwargs):
+            self.params = params
+
+        def zero_grad(self):
+            for p in self.params:
+                p.grad = None
+
+        def step(self, closure):
+            for scale in (1e-2, 1e6):  # a small descent step, then a wild one, then the overflow
+                v = closure()
+                visited.append(float(v))
+                with torch.no_grad():
+                    for p in self.params:
+                        p -= scale * p.grad
+            visited.append(float(closure()))
+            raise RuntimeError("value cannot be converted to type float without overflow")
+
+    monkeypatch.setattr(torch.optim, "LBFGS", Overflowing)
+    got = oc.fit_layer(exp.adapter, block.router, logits, Y, s, clean_out[block.layer], torch.ones(E),
+                       torch.zeros(E), free=("a", "b", "g"))
+    assert got["lbfgs_error"].startswith("value cannot be converted")
+    assert got["rel_err"]["fitted"] <= got["rel_err"]["init"]
+    assert got["rel_err"]["fitted"] == pytest.approx(min([got["rel_err"]["init"]] + visited), rel=1e-6)
