@@ -10,8 +10,8 @@ Measures on the same model and the same tokens:
       every analog matmul: tokens/s and its ratio to the plain forward;
   (e) the memory floor of (d): the evaluation path of (b) with each analog matmul wrapped in the
       least work any periphery around the library's matmuls must do (its inputs read and written
-      once, as a DAC would; its outputs read once with their noise and written once, as an ADC
-      would). No implementation of (d) that calls torch's matmuls can be faster than (e).
+      once, as a DAC would; its outputs read once with their noise and written back in place, as an
+      ADC would). No implementation of (d) that calls torch's matmuls can be faster than (e).
 Warm-up, then the median of --repeats. With --json the last line is one JSON object.
 
   python benchmarks/eval_overhead.py                       # builtin model if trained, else tiny random
@@ -86,8 +86,8 @@ class PeripheryFloor(TorchFunctionMode):
         self.storages = storages
         self.noise = torch.randn(numel)
 
-    def _noisy(self, u):
-        return torch.add(u, self.noise[:u.numel()].view(u.shape).to(u.device, u.dtype))
+    def _noisy(self, u):  # in place: an ADC can overwrite the matmul's output
+        return u.add_(self.noise[:u.numel()].view(u.shape).to(u.device, u.dtype))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
