@@ -142,6 +142,8 @@ def main(argv=None):
     ap.add_argument("--periphery", default="aihwkit-io-default", help="periphery preset of (d)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on cuda, fp32 on cpu")
     ap.add_argument("--experts-impl", default="grouped_mm", choices=["grouped_mm", "eager", "batched_mm"])
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also report the N ops that take most CPU time in one batch of (d) (torch profiler)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -210,6 +212,15 @@ def main(argv=None):
     periphery.reseed(1)
     periphery.enabled = not pcfg.ideal
     t_eval_p = timed(eval_path, args.device, args.repeats)
+    profile_top = None
+    if args.profile:  # where (d) spends its time: torch profiler over one batch, ops by self CPU time
+        from torch.profiler import profile
+
+        one = windows[:args.batch]
+        with profile() as prof:
+            nll_pass(model, adapter, one, args.batch, args.device, rplan, Recorder(indices=True))
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:args.profile]
+        profile_top = [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in ops]
     periphery.enabled = False
     periphery.remove()
     storages = {r.tensor.untyped_storage().data_ptr() for r in weights.records}
@@ -244,6 +255,7 @@ def main(argv=None):
         "eval_periphery_tokens_per_s": n_tokens / t_eval_p,
         "eval_periphery_vs_forward_ratio": t_plain / t_eval_p,
         "eval_periphery_floor_vs_forward_ratio": t_plain / t_floor,
+        **({"periphery_profile_top": profile_top} if profile_top is not None else {}),
         "restore_s": t_restore,
         "clean_copy_setup_s": t_setup,
         "eval_set_tokens": eval_set_tokens,
