@@ -21,6 +21,8 @@ def add_validation_args(ap, max_tokens=None):
     ap.add_argument("--dataset", default="builtin-validation")
     ap.add_argument("--seeds", type=int, nargs="+", default=VALIDATION_SEEDS)
     ap.add_argument("--max-tokens", type=int, default=max_tokens)
+    ap.add_argument("--params", default="params.yaml",
+                    help="another params file (a copy of params.yaml with other values): the same study in another regime")
 
 
 def add_family_args(ap, name: str):
@@ -41,7 +43,7 @@ def family_out(args, name: str) -> str:
 def validation_params(args):
     """params.yaml, after refusing seeds that are eval.seeds or calib.seeds and the test split;
     pins the thread count."""
-    params = load_params()
+    params = load_params(getattr(args, "params", "params.yaml"))
     shared = sorted(set(args.seeds) & (set(params.eval.seeds) | set(params.calib.seeds)))
     if shared:
         raise SystemExit(f"error: --seeds {shared} are also eval.seeds or calib.seeds in params.yaml: choose "
