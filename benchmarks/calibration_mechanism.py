@@ -28,7 +28,8 @@ from romer.evaluation.measure import mean_ci, paired_reduction, perplexity
 from romer.methods.calibration import compose, make_transform
 from romer.pipeline.stages import clean_percentiles
 
-from validation import MODELS, add_validation_args, validation_experiment, validation_params  # noqa: E402  (benchmarks/)
+from validation import (MODELS, add_validation_args, validation_experiment, validation_params,  # noqa: E402
+                        validation_set)
 
 ROUTINGS = ("noisy", "calibrated", "selection_only", "weights_only", "temperature")
 
@@ -89,7 +90,7 @@ def main(argv=None):
     t0 = time.time()
     params = validation_params(args)
     e = params.eval
-    out = {"dataset": args.dataset, "seeds": args.seeds, "max_tokens": args.max_tokens, "families": {}}
+    out = {**validation_set(args), "families": {}}
     for fam in args.families:
         exp, ew, cw = validation_experiment(args, params, model_dir=MODELS[fam])
 

@@ -30,7 +30,6 @@ from pathlib import Path
 import romer  # noqa: F401  (before torch: pins the CPU numerical modes)
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from romer.moe.adapters import analog_tensors, get_adapter
 from romer.methods.calibration import make_transform
@@ -77,43 +76,23 @@ def timed(fn, device, repeats, warmup=1):
     return statistics.median(out)
 
 
-class PeripheryFloor(TorchFunctionMode):
+class PeripheryFloor(Periphery):
     """(e): each analog matmul with its inputs copied once (x read, x' written) and its outputs read
-    once with a noise term and written once: the memory traffic of a DAC and an ADC, nothing else."""
+    once with a noise term and written back in place: the memory traffic of a DAC and an ADC, nothing
+    else. Installed, switched and looked up as the periphery is; only the matmuls differ."""
 
-    def __init__(self, storages, numel):
-        super().__init__()
-        self.storages = storages
+    def __init__(self, weights, numel):
+        super().__init__(weights, periphery_config("ideal"))
         self.noise = torch.randn(numel)
-
-    def _noisy(self, u):  # in place: an ADC can overwrite the matmul's output
-        return u.add_(self.noise[:u.numel()].view(u.shape).to(u.device, u.dtype))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        w = args[1] if len(args) > 1 else kwargs.get("weight")
-        if isinstance(w, torch.Tensor) and w.untyped_storage().data_ptr() in self.storages:
-            if func is F.linear or func is torch._C._nn.linear:
-                return self._noisy(func(args[0] * 1.0, *args[1:], **kwargs))
-            if func is torch._grouped_mm:
-                return self._noisy(func(args[0] * 1.0, *args[1:], **kwargs))
+        if func is F.linear or func is torch._C._nn.linear or func is torch._grouped_mm:
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            if self._lookup(w) is not None:
+                u = func(args[0] * 1.0, *args[1:], **kwargs)
+                return u.add_(self.noise[:u.numel()].view(u.shape).to(u.device, u.dtype))
         return func(*args, **kwargs)
-
-
-def with_mode(model, mode, storages):
-    """Hooks that enter `mode` while a module owning an analog tensor runs; returns their handles."""
-    hooks = []
-
-    def enter(module, args):
-        mode.__enter__()
-
-    def leave(module, args, output):
-        mode.__exit__(None, None, None)
-
-    for module in model.modules():
-        if any(p.untyped_storage().data_ptr() in storages for p in module.parameters(recurse=False)):
-            hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
-    return hooks
 
 
 def build_random(shape, device, dtype, experts_impl="grouped_mm"):
@@ -223,13 +202,12 @@ def main(argv=None):
         profile_top = [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in ops]
     periphery.enabled = False
     periphery.remove()
-    storages = {r.tensor.untyped_storage().data_ptr() for r in weights.records}
-    floor_mode = PeripheryFloor(storages, args.batch * args.seq_len * max(model.config.num_experts_per_tok, 1)
-                                * max(model.config.hidden_size, 2 * model.config.intermediate_size))
-    hooks = with_mode(model, floor_mode, storages)
+    floor = PeripheryFloor(weights, args.batch * args.seq_len * max(model.config.num_experts_per_tok, 1)
+                           * max(model.config.hidden_size, 2 * model.config.intermediate_size)).install(model)
+    floor.reseed(1)
+    floor.enabled = True
     t_floor = timed(eval_path, args.device, args.repeats)
-    for h in hooks:
-        h.remove()
+    floor.remove()
     weights.restore()
 
     res = {

@@ -46,7 +46,8 @@ from romer.moe.routing import LayerRouting, Recorder, StopForward, routed
 from romer.pipeline.stages import clean_percentiles, clean_router_targets, router_plan
 
 from ablation import compare  # noqa: E402  (benchmarks/ is the script's directory)
-from validation import MODELS, add_validation_args, validation_experiment, validation_params  # noqa: E402
+from validation import (MODELS, add_validation_args, validation_experiment, validation_params,  # noqa: E402
+                        validation_set)
 
 VARIANTS = {"gain_only": dict(refit=False, free=("g",)), "output_cal": dict(refit=False, free=("a", "b", "g")),
             "output_cal_local": dict(refit=False, free=("a", "b", "g"), local=True),
@@ -211,8 +212,7 @@ def output_calibrate(exp, calib_w, clean_out, clean_pct, targets, refit, free, s
         got = fit_layer(exp.adapter, block.router, logits, Y, s, target, a0, b0, free)
         plan[layer] = LayerRouting(logits_fn=logits_fn, transform=make_transform(got["a"], got["b"]),
                                    post=gain_post(got["g"]))
-        report[layer] = {"g": got["g"], "rel_err": got["rel_err"], **({"lbfgs_error": got["lbfgs_error"]}
-                                                                      if "lbfgs_error" in got else {})}
+        report[layer] = {k: got[k] for k in ("g", "rel_err", "lbfgs_error") if k in got}
         del Y
     exp.restart_periphery()
     return plan, report
@@ -258,7 +258,7 @@ def kept_families(path: str, header: dict, rerun) -> dict:
         return {}
     with open(path) as f:
         old = json.load(f)
-    if any(old.get(k) != header[k] for k in ("dataset", "seeds", "max_tokens")):
+    if any(old.get(k) != v for k, v in header.items()):
         print(f"{path}: another validation set (dataset, seeds or tokens differ); its families are replaced")
         return {}
     fams = old.get("families", {})
@@ -279,8 +279,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     t0 = time.time()
     params = validation_params(args)
-    out = {"dataset": args.dataset, "seeds": args.seeds, "max_tokens": args.max_tokens, "families": {}}
-    out["families"] = kept_families(args.out, out, args.families)
+    out = {**validation_set(args), "families": {}}
+    out["families"] = kept_families(args.out, validation_set(args), args.families)
     for fam in args.families:
         t_fam = time.time()
         exp, eval_w, calib_w = validation_experiment(args, params, model_dir=MODELS[fam])

@@ -26,7 +26,8 @@ from romer.core.io import write_json
 from romer.evaluation.measure import mean_ci, paired_reduction, perplexity
 from romer.pipeline.experiment import Experiment
 
-from validation import add_validation_args, validation_experiment, validation_params  # noqa: E402  (benchmarks/)
+from validation import (add_validation_args, validation_experiment, validation_params,  # noqa: E402  (benchmarks/)
+                        validation_set)
 
 OFF = {"inp_res": 0.0, "out_res": 0.0, "out_bound": 0.0, "out_noise": 0.0, "bound_management": "none"}
 EXACT = {"prog_scale": 0.0, "read_scale": 0.0, "drift_scale": 0.0}
@@ -60,13 +61,13 @@ def main(argv=None):
     t0 = time.time()
     base = validation_params(args)
     e = base.eval
-    out = {"dataset": args.dataset, "seeds": args.seeds, "max_tokens": args.max_tokens, "rows": {}}
+    out = {**validation_set(args), "rows": {}}
     per_seed = {}
     refs = {}
 
     def scales(exp):  # alpha * w_max of every analog array of the current state
-        return torch.cat([exp.weights.scale(r.name).flatten() for r in exp.weights.records
-                          if exp.weights.scale(r.name) is not None])
+        got = (exp.weights.scale(r.name) for r in exp.weights.records)
+        return torch.cat([t.flatten() for t in got if t is not None])
 
     def reference(seed):  # the same with exact weights (no drift: alpha = 1)
         if seed not in refs:
@@ -75,6 +76,7 @@ def main(argv=None):
             refs[seed] = scales(ex)
             ex.restore()
         return refs[seed]
+
     for name in args.parts:
         per, noise = PARTS[name]
         p = base.model_copy(update={
@@ -90,7 +92,6 @@ def main(argv=None):
             exp.set_state(seed)
             if gain is None:
                 gain = float((scales(exp) / reference(seed)).mean())
-            exp.restart_periphery()
             ppls.append(perplexity(exp.model, exp.adapter, eval_w, e.batch_size, exp.device))
         exp.restore()
         per_seed[name] = ppls

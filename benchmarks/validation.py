@@ -40,13 +40,19 @@ def family_out(args, name: str) -> str:
     return args.out
 
 
+def validation_set(args) -> dict:
+    """What a result was measured on: the split, the chips and the tokens (a result is comparable
+    only to one of the same set)."""
+    return {"dataset": args.dataset, "seeds": args.seeds, "max_tokens": args.max_tokens}
+
+
 def validation_params(args):
-    """params.yaml, after refusing seeds that are eval.seeds or calib.seeds and the test split;
+    """params.yaml (or --params), after refusing seeds that are eval.seeds or calib.seeds and the test split;
     pins the thread count."""
-    params = load_params(getattr(args, "params", "params.yaml"))
+    params = load_params(args.params)
     shared = sorted(set(args.seeds) & (set(params.eval.seeds) | set(params.calib.seeds)))
     if shared:
-        raise SystemExit(f"error: --seeds {shared} are also eval.seeds or calib.seeds in params.yaml: choose "
+        raise SystemExit(f"error: --seeds {shared} are also eval.seeds or calib.seeds in {args.params}: choose "
                          f"on other chips than the ones evaluate reports (default --seeds 1000-1004)")
     if args.dataset == params.eval.dataset:
         raise SystemExit(f"error: --dataset {args.dataset} is eval.dataset: choose on validation, not test")
