@@ -644,3 +644,31 @@ def test_column_calibration_undoes_a_per_column_gain_error_linear_and_grouped():
     y = grouped(per, x, w, counts)
     ideal = torch._grouped_mm(x, aw.clean("e").transpose(-2, -1), offs=torch.cumsum(torch.tensor(counts), 0).int())
     assert out_rel_err(y[40:90], ideal[40:90]) < 0.05
+
+
+def test_a_wide_matmul_takes_its_output_noise_from_the_pool(monkeypatch):
+    """A matmul may read at most 2^(k-4) normals of the pool; a wider one is cut into fewer rows per
+    chunk so that it still does, instead of drawing every normal fresh."""
+    import romer.cim.periphery as P
+
+    cfg = PeripheryConfig(out_noise=0.06, noise_pool_log2=14)  # 1024 normals per chunk at most
+    lin = linear(32, 256)
+    aw = analog(lin)
+    per = Periphery(aw, cfg)
+    assert per._row_chunk(256) == 4 and per._row_chunk(1 << 20) == 1
+    assert Periphery(aw, PRESETS[IO])._row_chunk(128) == P.ROW_CHUNK  # the builtin models' chunks
+    assert Periphery(aw, PeripheryConfig(out_noise=0.06, noise_pool_log2=0))._row_chunk(4096) == P.ROW_CHUNK
+    x = inputs(64, 32)
+    drawn = []
+    randn = torch.randn
+
+    def counting(*args, **kw):
+        drawn.append(args[0])
+        return randn(*args, **kw)
+
+    monkeypatch.setattr(P.torch, "randn", counting)  # torch's own: every draw of the pass
+    y = through(lin, aw, cfg, x)
+    monkeypatch.undo()
+    assert drawn == [1 << 14]  # the pool, and nothing fresh
+    d = (y - x @ lin.weight.t()) / (x.abs().amax(-1, keepdim=True) * float(lin.weight.abs().max()))
+    assert abs(float(d.std()) / 0.06 - 1) < 0.05

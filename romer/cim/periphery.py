@@ -42,8 +42,8 @@ from romer.core.errors import UserError
 
 NOISE_MANAGEMENTS = ("abs_max", "std", "none")
 BOUND_MANAGEMENTS = ("iterative", "none")
-# Rows of a matmul handled at a time: bounds the temporaries, and keeps a chunk's outputs (8192 x 128
-# for the builtin model) within the part of the noise pool one matmul may read (see `_randn`).
+# Rows of a matmul handled at a time, at most: bounds the temporaries. Wider matrices take fewer rows
+# (`_row_chunk`), so that a chunk's outputs stay within the part of the noise pool one matmul may read.
 ROW_CHUNK = 1 << 13
 
 
@@ -332,12 +332,13 @@ class Periphery(TorchFunctionMode):
         def scale_of(rows, t):
             return table[t:t + 1], None
 
-        if x2.shape[0] <= ROW_CHUNK:
+        rows = self._row_chunk(n_out)
+        if x2.shape[0] <= rows:
             y = self._mvm(x2, mm, scale_of, table.shape[0], w.shape[-1]).to(x.dtype)
         else:
             y = torch.empty((x2.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
-            for r0 in range(0, x2.shape[0], ROW_CHUNK):
-                y[r0:r0 + ROW_CHUNK] = self._mvm(x2[r0:r0 + ROW_CHUNK], mm, scale_of, table.shape[0], w.shape[-1])
+            for r0 in range(0, x2.shape[0], rows):
+                y[r0:r0 + rows] = self._mvm(x2[r0:r0 + rows], mm, scale_of, table.shape[0], w.shape[-1])
         if self._fit is not None or self.column_affine is not None:
             M = rec.tensor.numel() // (n_out * n_in)
             y = self._columns(rec, y, lambda: x2.to(w.dtype) @ self._clean_view(rec, w).t(), m, M).to(x.dtype)
@@ -356,8 +357,9 @@ class Periphery(TorchFunctionMode):
         out[n:].zero_()  # rows past the last group (if any) are not any expert's: 0, as _grouped_mm leaves them
         if n == 0:
             return out
-        for r0 in range(0, n, ROW_CHUNK):
-            ex = expert[r0:r0 + ROW_CHUNK]
+        rows = self._row_chunk(w_t.shape[-1])
+        for r0 in range(0, n, rows):
+            ex = expert[r0:r0 + rows]
             xs = x[r0:r0 + ex.numel()]
 
             def mm(xr, a, b, absw=False, rows=None):
@@ -386,6 +388,16 @@ class Periphery(TorchFunctionMode):
                 y = torch.where(mask[ex].unsqueeze(-1), exact.to(y.dtype), y)
             out[r0:r0 + ex.numel()] = y.to(out.dtype)
         return out
+
+    def _row_chunk(self, n_out: int) -> int:
+        """Rows per chunk of a matmul with n_out outputs: ROW_CHUNK, or fewer where the chunk's outputs
+        would exceed the 2^(k-4) normals one matmul may take from the pool (`_randn`), which would
+        draw them all fresh (measured: 0.7 s of a 4 s batch at hidden 1024). Every matrix of the
+        builtin and family models (<= 128 outputs where a matmul has more than 4096 rows) keeps 8192."""
+        k = self.cfg.noise_pool_log2
+        if k == 0:
+            return ROW_CHUNK
+        return max(1, min(ROW_CHUNK, (1 << max(k - 4, 0)) // max(n_out, 1)))
 
     def _table(self, rec):
         """alpha * w_max of a tensor as contiguous [n_input_arrays, M, out] (built once per state)."""
