@@ -12,7 +12,9 @@ Measures on the same model and the same tokens:
       least work any periphery around the library's matmuls must do (its inputs read and written
       once, as a DAC would; its outputs read once with their noise and written back in place, as an
       ADC would). No implementation of (d) that calls torch's matmuls can be faster than (e).
-Warm-up, then the median of --repeats. With --json the last line is one JSON object.
+(a), (b), (d) and (e) run in turn, one warm-up round then --repeats rounds, so a slow spell of a shared
+machine hits all four alike; each ratio is the median over rounds of that round's ratio. (c) is
+the median of --repeats after a warm-up. With --json the last line is one JSON object.
 
   python benchmarks/eval_overhead.py                       # builtin model if trained, else tiny random
   python benchmarks/eval_overhead.py --device cuda --shape olmoe-1b-7b --json
@@ -61,6 +63,33 @@ SHAPES = {
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def interleaved(fns: dict, device, repeats, warmup=1) -> dict:
+    """Per name, the times of `repeats` rounds that each run every function once, in turn: a slow
+    spell of a shared machine then hits all of them alike, so ratios are taken per round. A value
+    may be (before, fn, after): the untimed set-up and tear-down around fn."""
+    fns = {k: v if isinstance(v, tuple) else (None, v, None) for k, v in fns.items()}
+    out = {k: [] for k in fns}
+    for r in range(warmup + repeats):
+        for k, (before, fn, after) in fns.items():
+            if before:
+                before()
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            dt = time.perf_counter() - t
+            if after:
+                after()
+            if r >= warmup:
+                out[k].append(dt)
+    return out
+
+
+def paired_ratio(times: dict, num: str, den: str) -> float:
+    """The median over rounds of times[num] / times[den]."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
 def timed(fn, device, repeats, warmup=1):
@@ -158,8 +187,6 @@ def main(argv=None):
             for i in range(0, windows.shape[0], args.batch):
                 model(windows[i:i + args.batch].to(args.device), use_cache=False)
 
-    t_plain = timed(plain, args.device, args.repeats)
-
     # (c) noise pass + restore (the clean copy lives on the CPU, pinned on CUDA)
     t0 = time.perf_counter()
     pcfg = periphery_config(args.periphery)
@@ -186,28 +213,39 @@ def main(argv=None):
     def eval_path():
         nll_pass(model, adapter, windows, args.batch, args.device, rplan, Recorder(indices=True))
 
-    t_eval = timed(eval_path, args.device, args.repeats)
-    periphery = Periphery(weights, pcfg).install(model)
+    periphery = Periphery(weights, pcfg)
     periphery.reseed(1)
-    periphery.enabled = not pcfg.ideal
-    t_eval_p = timed(eval_path, args.device, args.repeats)
+    floor = PeripheryFloor(weights, args.batch * args.seq_len * max(model.config.num_experts_per_tok, 1)
+                           * max(model.config.hidden_size, 2 * model.config.intermediate_size))
+    floor.reseed(1)
+
+    def through(mode):  # (set up, run, tear down): the mode's hooks are on only while it is timed
+        def on():
+            mode.install(model)
+            mode.enabled = True
+
+        def off():
+            mode.enabled = False
+            mode.remove()
+        return on, eval_path, off
+
+    # (a), (b), (d) and (e) in turn, round after round
+    times = interleaved({"plain": plain, "eval": eval_path, "periphery": eval_path if pcfg.ideal else through(periphery),
+                         "floor": through(floor)}, args.device, args.repeats)
+    t_plain, t_eval, t_eval_p, t_floor = (statistics.median(times[k]) for k in ("plain", "eval", "periphery", "floor"))
     profile_top = None
     if args.profile:  # where (d) spends its time: torch profiler over one batch, ops by self CPU time
         from torch.profiler import profile
 
         one = windows[:args.batch]
+        on, _, off = through(periphery)
+        on()
+        periphery.enabled = not pcfg.ideal
         with profile() as prof:
             nll_pass(model, adapter, one, args.batch, args.device, rplan, Recorder(indices=True))
+        off()
         ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:args.profile]
         profile_top = [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in ops]
-    periphery.enabled = False
-    periphery.remove()
-    floor = PeripheryFloor(weights, args.batch * args.seq_len * max(model.config.num_experts_per_tok, 1)
-                           * max(model.config.hidden_size, 2 * model.config.intermediate_size)).install(model)
-    floor.reseed(1)
-    floor.enabled = True
-    t_floor = timed(eval_path, args.device, args.repeats)
-    floor.remove()
     weights.restore()
 
     res = {
@@ -222,7 +260,7 @@ def main(argv=None):
         "analog_params": sum(r.tensor.numel() for r in analog_tensors(model, adapter, ANALOG_KINDS)),
         "forward_tokens_per_s": n_tokens / t_plain,
         "eval_tokens_per_s": n_tokens / t_eval,
-        "eval_vs_forward_ratio": t_plain / t_eval,
+        "eval_vs_forward_ratio": paired_ratio(times, "plain", "eval"),
         "noise": args.noise,
         "noise_pass_compiled": bool(noise_model.curves(86400.0, torch.float32, args.device)["exact"])
         and not device_chain.failed,  # exact curves, and torch.compile worked here
@@ -231,8 +269,10 @@ def main(argv=None):
         "noise_pass_vs_rng_floor": t_noise / t_rng,
         "periphery": pcfg.name,
         "eval_periphery_tokens_per_s": n_tokens / t_eval_p,
-        "eval_periphery_vs_forward_ratio": t_plain / t_eval_p,
-        "eval_periphery_floor_vs_forward_ratio": t_plain / t_floor,
+        "eval_periphery_vs_forward_ratio": paired_ratio(times, "plain", "periphery"),
+        "eval_periphery_floor_vs_forward_ratio": paired_ratio(times, "plain", "floor"),
+        "eval_periphery_vs_floor_ratio": paired_ratio(times, "floor", "periphery"),
+        "rounds": args.repeats,
         **({"periphery_profile_top": profile_top} if profile_top is not None else {}),
         "restore_s": t_restore,
         "clean_copy_setup_s": t_setup,

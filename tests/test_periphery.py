@@ -2,6 +2,7 @@
 seeding and batch independence, and the model path (nn.Linear and transformers' fused experts under grouped_mm)."""
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -672,3 +673,31 @@ def test_a_wide_matmul_takes_its_output_noise_from_the_pool(monkeypatch):
     assert drawn == [1 << 14]  # the pool, and nothing fresh
     d = (y - x @ lin.weight.t()) / (x.abs().amax(-1, keepdim=True) * float(lin.weight.abs().max()))
     assert abs(float(d.std()) / 0.06 - 1) < 0.05
+
+
+@pytest.mark.parametrize("arrays", [1, 3])
+def test_the_adc_stores_into_the_output_buffer_as_one_cast(monkeypatch, arrays):
+    """The ADC writes straight into the grouped matmul's output buffer, chunk by chunk, with bound
+    management rerunning clipped rows in it. A float32 buffer holds the float32 outputs; a bf16 one
+    holds them cast once (several input arrays are summed in float32 first), in one chunk or several."""
+    import romer.cim.periphery as P
+
+    cfg = periphery_config(IO, out_noise=0.0, out_bound=2.0, bound_management="iterative")
+    w, aw = fused(n_in=16 * arrays, noise=no_noise())  # arrays of 16 inputs
+    counts = [3, 0, 9, 4]
+    x = inputs(sum(counts), 16 * arrays, spread=True)
+    offs = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+
+    def run(dtype, c=cfg):
+        per = Periphery(aw, c)
+        per.reseed(0)
+        with torch.no_grad():
+            return per._grouped(x, w.transpose(-2, -1), offs, per._lookup(w), dtype)
+
+    ref = run(torch.float32)
+    assert not torch.equal(run(torch.float32, replace(cfg, bound_management="none")), ref)  # rows clipped
+    assert torch.equal(run(torch.bfloat16), ref.to(torch.bfloat16))
+    monkeypatch.setattr(P, "ROW_CHUNK", 5)
+    chunked = run(torch.float32)
+    assert torch.allclose(chunked, ref, rtol=1e-6, atol=1e-6)  # a row does not depend on its chunk
+    assert torch.equal(run(torch.bfloat16), chunked.to(torch.bfloat16))

@@ -90,17 +90,21 @@ def _sqrt(x):
     return _ieee_sqrt(x)
 
 
-def _adc(u, table, idx, var, z_w, z_o, ss, gain: float, var_gain: float, w_coef: float, o_coef: float,
-         do_round: bool, y_lim: float, step: float):
-    """Array outputs [N, out] to real units. `table` [E or 1, out] holds alpha * w_max per matrix and
-    `idx` [N] the matrix of each row (None: row 0 for all); `var` is the weight-read variance matmul
-    (None: no read noise), z_w and z_o its and the output noise's normals (None: none).
-    Returns (outputs, which rows clipped at the ADC bound, or None)."""
-    ws = table if idx is None else table.index_select(0, idx)
-    inv = torch.where(ws > 0, ws.reciprocal(), torch.zeros_like(ws))  # an all-zero matrix reads exactly 0
-    u = u * (inv * gain)  # in ADC steps
+def _adc(u, inv_gain, inv_var, mul, idx, var, z_w, z_o, ss, w_coef: float, o_coef: float, do_round: bool,
+         y_lim: float, out=None):
+    """Array outputs [N, out] to real units. The tables [E or 1, out] are per matrix (the periphery's
+    `_adc_tables`): the ADC gain over alpha * w_max, the read-noise variance gain over it, and the
+    ADC step times it; `idx` [N] is the matrix of each row (None: row 0 for all). `var` is the
+    weight-read variance matmul (None: no read noise), z_w and z_o its and the output noise's
+    normals (None: none). Returns (outputs, which rows clipped at the ADC bound, or None); the
+    outputs are written into `out` (of any float dtype) where given: compiled, that is the loop's own
+    store, not a second pass."""
+    if idx is not None:
+        inv_gain, mul = inv_gain.index_select(0, idx), mul.index_select(0, idx)
+        inv_var = None if inv_var is None else inv_var.index_select(0, idx)
+    u = u * inv_gain  # in ADC steps
     if var is not None:
-        u = u + _sqrt(torch.clamp(var * (inv * var_gain), min=0)) * z_w * w_coef
+        u = u + _sqrt(torch.clamp(var * inv_var, min=0)) * z_w * w_coef
     if z_o is not None:
         u = u + z_o * o_coef
     if do_round:
@@ -109,7 +113,11 @@ def _adc(u, table, idx, var, z_w, z_o, ss, gain: float, var_gain: float, w_coef:
     if y_lim > 0:
         clipped = u.abs().amax(dim=-1) > y_lim
         u = torch.clamp(u, -y_lim, y_lim)
-    return u * (ws * step) * ss, clipped
+    y = u * mul * ss
+    if out is None:
+        return y, clipped
+    out.copy_(y)
+    return out, clipped
 
 
 dac = Kernel(_dac)

@@ -320,7 +320,8 @@ class Periphery(TorchFunctionMode):
         mask = self.weights.digital_mask(rec.name)
         if mask is not None and bool(mask[m]):
             return F.linear(x, w, bias)
-        table = self._table(rec)[:, m]  # [nt, out]
+        tabs = self._adc_tables(rec)  # each [nt, M, out]
+        nt = tabs[0].shape[0]
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         wt = w.t()  # [in, out]
@@ -330,15 +331,15 @@ class Periphery(TorchFunctionMode):
             return xs.to(ww.dtype) @ ww
 
         def scale_of(rows, t):
-            return table[t:t + 1], None
+            return tuple(None if tab is None else tab[t, m:m + 1] for tab in tabs), None
 
         rows = self._row_chunk(n_out)
         if x2.shape[0] <= rows:
-            y = self._mvm(x2, mm, scale_of, table.shape[0], w.shape[-1]).to(x.dtype)
+            y = self._mvm(x2, mm, scale_of, nt, w.shape[-1]).to(x.dtype)
         else:
             y = torch.empty((x2.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
             for r0 in range(0, x2.shape[0], rows):
-                y[r0:r0 + rows] = self._mvm(x2[r0:r0 + rows], mm, scale_of, table.shape[0], w.shape[-1])
+                self._mvm(x2[r0:r0 + rows], mm, scale_of, nt, w.shape[-1], out=y[r0:r0 + rows])
         if self._fit is not None or self.column_affine is not None:
             M = rec.tensor.numel() // (n_out * n_in)
             y = self._columns(rec, y, lambda: x2.to(w.dtype) @ self._clean_view(rec, w).t(), m, M).to(x.dtype)
@@ -347,8 +348,8 @@ class Periphery(TorchFunctionMode):
 
     def _grouped(self, x, w_t, offs, rec, out_dtype):
         """torch._grouped_mm(x [S, in], w_t [E, in, out], offs) through the periphery."""
-        table = self._table(rec)  # [nt, E, out]
-        nt = table.shape[0]
+        tabs = self._adc_tables(rec)  # each [nt, E, out]
+        nt = tabs[0].shape[0]
         E = w_t.shape[0]
         counts = torch.diff(offs.to(torch.int64), prepend=offs.new_zeros(1, dtype=torch.int64))
         expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts)  # expert of each row
@@ -374,8 +375,11 @@ class Periphery(TorchFunctionMode):
                         xr = F.pad(xr, (0, pad))
                 return torch._grouped_mm(xr.contiguous(), ww, offs=o)
 
-            y = self._mvm(xs, mm, lambda rows, t, ex=ex: (table[t], ex if rows is None else ex[rows]),
-                          nt, w_t.shape[-2], grouped=True)
+            dest = out[r0:r0 + ex.numel()]
+            direct = self._fit is None and self.column_affine is None  # the column step reads float32 outputs
+            y = self._mvm(xs, mm, lambda rows, t, ex=ex: (tuple(None if tab is None else tab[t] for tab in tabs),
+                                                          ex if rows is None else ex[rows]),
+                          nt, w_t.shape[-2], grouped=True, out=dest if direct else None)
             if self._fit is not None or self.column_affine is not None:
                 def ideal(xs=xs, ex=ex):
                     o = torch.cumsum(torch.bincount(ex, minlength=E), 0).to(torch.int32)
@@ -386,7 +390,8 @@ class Periphery(TorchFunctionMode):
                 o = torch.cumsum(torch.bincount(ex, minlength=E), 0).to(torch.int32)
                 exact = torch._grouped_mm(xs.to(w_t.dtype).contiguous(), w_t, offs=o)
                 y = torch.where(mask[ex].unsqueeze(-1), exact.to(y.dtype), y)
-            out[r0:r0 + ex.numel()] = y.to(out.dtype)
+            if y is not dest:  # the column calibration or digital experts made a new tensor
+                dest.copy_(y)
         return out
 
     def _row_chunk(self, n_out: int) -> int:
@@ -399,12 +404,26 @@ class Periphery(TorchFunctionMode):
             return ROW_CHUNK
         return max(1, min(ROW_CHUNK, (1 << max(k - 4, 0)) // max(n_out, 1)))
 
-    def _table(self, rec):
-        """alpha * w_max of a tensor as contiguous [n_input_arrays, M, out] (built once per state)."""
-        tab = self._tables.get(rec.name)
-        if tab is None:
-            tab = self._tables[rec.name] = self.weights.scale(rec.name).permute(2, 0, 1).contiguous()
-        return tab
+    def _steps(self):
+        """(DAC step, ADC step) in units of the full input and output ranges; 1 where ideal."""
+        c = self.cfg
+        d_in, e_out = c.inp_res * 2 * c.inp_bound, c.out_res * 2 * c.out_bound
+        return (d_in if d_in > 0 else 1.0), (e_out if e_out > 0 else 1.0)
+
+    def _adc_tables(self, rec):
+        """The ADC's per-matrix factors of a tensor, each contiguous [n_input_arrays, M, out] and built
+        once per state from ws = alpha * w_max: the gain to ADC steps (dq / eq) / ws, the read-noise
+        variance gain dq^2 / ws (None without read noise) and the step back to real units ws * eq.
+        An all-zero matrix (ws = 0) reads exactly 0. Per element these are the same float operations
+        the ADC loop would do, so the outputs are the same bytes."""
+        tabs = self._tables.get(rec.name)
+        if tabs is None:
+            dq, eq = self._steps()
+            ws = self.weights.scale(rec.name).permute(2, 0, 1).contiguous().float()
+            inv = torch.where(ws > 0, ws.reciprocal(), torch.zeros_like(ws))
+            tabs = self._tables[rec.name] = (inv * (dq / eq), inv * (dq * dq) if self.cfg.w_noise > 0 else None,
+                                             ws * eq)
+        return tabs
 
     def _slice(self, rec, w, a, b, absw):
         """Inputs a:b of a grouped weight [E, in, out], contiguous and zero-padded to 8 rows."""
@@ -422,8 +441,9 @@ class Periphery(TorchFunctionMode):
             a = self._abs[key] = w.abs()
         return a
 
-    def _mvm(self, x, mm, scale_of, nt, n_in, grouped=False):
-        """Sum over input arrays of the periphery-managed array outputs, in real units [N, out].
+    def _mvm(self, x, mm, scale_of, nt, n_in, grouped=False, out=None):
+        """Sum over input arrays of the periphery-managed array outputs, in real units [N, out]; written
+        into `out` where given (the ADC loop stores there: no copy of the outputs afterwards).
 
         Inputs are carried in DAC steps and outputs in ADC steps, so that each step of the
         periphery is one elementwise pass (rounding, noise, clipping) over the vector."""
@@ -431,12 +451,14 @@ class Periphery(TorchFunctionMode):
         R = self.weights.input_tile(n_in)  # the mapping's arrays (the last one may be narrower)
         d_in = c.inp_res * 2 * c.inp_bound
         e_out = c.out_res * 2 * c.out_bound
-        dq, eq = (d_in if d_in > 0 else 1.0), (e_out if e_out > 0 else 1.0)
+        dq, eq = self._steps()
         x_lim, y_lim = c.inp_bound / dq, c.out_bound / eq
         limit = min(c.max_bm_factor, c.max_bm_res / d_in if d_in > 0 else math.inf)
         # |x / s| <= 1 under abs-max management, so the DAC range holds it when it ends on a step
         do_clamp = not (c.noise_management == "abs_max" and c.inp_bound >= 1 and (d_in == 0 or float(x_lim).is_integer()))
         y_lim = y_lim if c.out_bound > 0 else 0.0
+        # the ADC stores into `out`, unless the arrays' sum must stay in float32 until the end
+        store = out if out is not None and (nt == 1 or out.dtype == torch.float32) else None
         y = None
         for t in range(nt):
             a, b = t * R, min(n_in, (t + 1) * R)
@@ -449,12 +471,12 @@ class Periphery(TorchFunctionMode):
             else:
                 s0 = None  # abs-max: found inside the DAC kernel
 
-            def run(rows, s):
+            def run(rows, s, dest=None):
                 xs = xt if rows is None else xt[rows]
                 # abs-max scaled inputs already lie in the DAC range: the clamp is skipped then
                 xq, xq2, ss = kernels.dac(xs, s, dq, x_lim, d_in > 0, do_clamp, c.w_noise > 0)
                 kw = {} if not grouped else {"rows": rows}
-                ws, idx = scale_of(rows, t)  # alpha * w_max per matrix, and the matrix of each row
+                (inv_gain, inv_var, mul), idx = scale_of(rows, t)  # ADC factors per matrix, the matrix of each row
                 u = mm(xq, a, b, **kw).to(torch.float32)
                 var = z_w = z_o = None
                 if c.w_noise > 0:  # w_noise sqrt(|W_n| x_n^2), |W_n| = |W'| / ws, x_n = xq dq
@@ -462,20 +484,23 @@ class Periphery(TorchFunctionMode):
                     z_w = self._randn(u.shape, u)
                 if c.out_noise > 0:
                     z_o = self._randn(u.shape, u)
-                yt, clipped = kernels.adc(u, ws, idx, var, z_w, z_o, ss, dq / eq, dq * dq, c.w_noise / eq,
-                                          c.out_noise / eq, e_out > 0, y_lim, eq)
-                return yt, clipped, ss
+                yt, clipped = kernels.adc(u, inv_gain, inv_var, mul, idx, var, z_w, z_o, ss, c.w_noise / eq,
+                                          c.out_noise / eq, e_out > 0, y_lim, dest)
+                return (yt if dest is None else dest), clipped, ss
 
-            yt, clipped, s1 = run(None, s0)
+            yt, clipped, s1 = run(None, s0, store if t == 0 else None)
             if c.bound_management == "iterative" and clipped is not None and bool(clipped.any()):
                 red = 1.0
                 rows = clipped.nonzero().squeeze(-1)
                 while rows.numel() and red <= limit:
                     red *= 2.0
                     yr, cl, _ = run(rows, s1[rows] * red)
-                    yt[rows] = yr
+                    yt[rows] = yr.to(yt.dtype)
                     rows = rows[cl]
             y = yt if y is None else y.add_(yt)
+        if out is not None and y is not out:
+            out.copy_(y)
+            y = out
         return y
 
 
