@@ -225,10 +225,11 @@ class NoiseModel:
     extra: Optional[dict] = None  # fitted: the full fit JSON (levels, R², ...)
 
     # --- the laws, as curves: what the noise pass (romer.cim.mapping) evaluates, compiled or eagerly
-    def curves(self, t_s: Optional[float], dtype, device) -> dict:
+    def curves(self, t_s: Optional[float], dtype, device, parts=("prog", "drift", "read")) -> dict:
         """{"prog", "drift", "read"}: each law as a (kind, data) pair of plain tensors and numbers,
         built outside any compiled code, for `sigma_prog`, `nu_mean_std` and `sigma_read` (read:
-        at read time t_s; None: no read curve). "exact": whether compiled code evaluates them with
+        at read time t_s; None: no read curve); only the laws in `parts` are built (the others are
+        None). "exact": whether compiled code evaluates the built ones with
         the eager bytes: not for a table on a non-uniform grid (searchsorted), nor for the PCM drift
         law (its log is MKL's when eager and SLEEF's when compiled; they differ in the last bit), nor
         for the PCM read law (a pow: SLEEF's or libm's, by where the element falls in the loop)."""
@@ -242,17 +243,17 @@ class NoiseModel:
                 return ("table", (xp, fp))
             return ("grid", grid)
 
-        prog = ("poly", tuple(self.prog_poly_g())) if self.prog_coeffs is not None else table(*self.prog_table)
-        drift = None
-        if self.drift is not None:
+        prog = drift = read = None
+        if "prog" in parts:
+            prog = ("poly", tuple(self.prog_poly_g())) if self.prog_coeffs is not None else table(*self.prog_table)
+        if self.drift is not None and "drift" in parts:
             if self.drift["law"] == "pcm":
                 exact = False
                 drift = ("pcm", float(self.g_max))
             else:
                 drift = ("tables", (table(self.drift["g_uS"], self.drift["mean"]),
                                     table(self.drift["g_uS"], self.drift["std"])))
-        read = None
-        if self.read is not None and t_s is not None:
+        if self.read is not None and t_s is not None and "read" in parts:
             if self.read["law"] == "pcm":
                 exact = False  # its pow(-0.65), as the drift factor (romer.cim.mapping)
                 t_read = self.read.get("t_read_s", 250e-9)
@@ -267,7 +268,7 @@ class NoiseModel:
 
     # --- programming noise
     def prog_sigma(self, g: torch.Tensor) -> torch.Tensor:
-        return sigma_prog(g, self.curves(None, g.dtype, g.device)["prog"])
+        return sigma_prog(g, self.curves(None, g.dtype, g.device, ("prog",))["prog"])
 
     # --- drift
     @property
@@ -280,7 +281,7 @@ class NoiseModel:
         if self.drift is None:
             z = torch.zeros_like(g)
             return z, z
-        return nu_mean_std(g, self.curves(None, g.dtype, g.device)["drift"])
+        return nu_mean_std(g, self.curves(None, g.dtype, g.device, ("drift",))["drift"])
 
     # --- read noise
     @property
@@ -300,7 +301,7 @@ class NoiseModel:
             g_now = g
             if self.read["law"] == "pcm" and self.has_drift and t_s > self.t0:
                 g_now = g * torch.pow(self.t0 / t_s, self.drift_nu(g)[0])
-        return sigma_read(g, g_now, self.curves(t_s, g.dtype, g.device)["read"])
+        return sigma_read(g, g_now, self.curves(t_s, g.dtype, g.device, ("read",))["read"])
 
     # --- JSON
     def grid(self):
