@@ -151,7 +151,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on cuda, fp32 on cpu")
     ap.add_argument("--experts-impl", default="grouped_mm", choices=["grouped_mm", "eager", "batched_mm"])
     ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="also report the N ops that take most CPU time in one batch of (d) (torch profiler)")
+                    help="also report the N ops that take most CPU time in one batch of (d), each with its time "
+                         "in one batch of (b) (torch profiler)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -233,19 +234,31 @@ def main(argv=None):
     times = interleaved({"plain": plain, "eval": eval_path, "periphery": eval_path if pcfg.ideal else through(periphery),
                          "floor": through(floor)}, args.device, args.repeats)
     t_plain, t_eval, t_eval_p, t_floor = (statistics.median(times[k]) for k in ("plain", "eval", "periphery", "floor"))
-    profile_top = None
+    profile_top = profile_totals = None
     if args.profile:  # where (d) spends its time: torch profiler over one batch, ops by self CPU time
         from torch.profiler import profile
 
         one = windows[:args.batch]
-        on, _, off = through(periphery)
-        on()
-        periphery.enabled = not pcfg.ideal
-        with profile() as prof:
+
+        def ops_of(mode):  # {op: (self CPU ms, calls)} of one batch, after one unprofiled batch
+            on, _, off = through(mode) if mode is not None else (None, None, None)
+            if on:
+                on()
             nll_pass(model, adapter, one, args.batch, args.device, rplan, Recorder(indices=True))
-        off()
-        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:args.profile]
-        profile_top = [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in ops]
+            with profile() as prof:
+                nll_pass(model, adapter, one, args.batch, args.device, rplan, Recorder(indices=True))
+            if off:
+                off()
+            return {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()}
+
+        with_p, without = ops_of(None if pcfg.ideal else periphery), ops_of(None)
+        top = sorted(with_p, key=lambda k: -with_p[k][0])[:args.profile]
+        # each op's time in (d) and in (b): what the periphery adds, op by op
+        profile_top = [{"op": k, "self_cpu_ms": with_p[k][0], "calls": with_p[k][1],
+                        "self_cpu_ms_without_periphery": without.get(k, (0.0, 0))[0],
+                        "calls_without_periphery": without.get(k, (0.0, 0))[1]} for k in top]
+        profile_totals = {"self_cpu_ms": sum(v[0] for v in with_p.values()),
+                          "self_cpu_ms_without_periphery": sum(v[0] for v in without.values())}
     weights.restore()
 
     res = {
@@ -273,7 +286,8 @@ def main(argv=None):
         "eval_periphery_floor_vs_forward_ratio": paired_ratio(times, "plain", "floor"),
         "eval_periphery_vs_floor_ratio": paired_ratio(times, "floor", "periphery"),
         "rounds": args.repeats,
-        **({"periphery_profile_top": profile_top} if profile_top is not None else {}),
+        **({"periphery_profile_top": profile_top, "periphery_profile_totals": profile_totals}
+           if profile_top is not None else {}),
         "restore_s": t_restore,
         "clean_copy_setup_s": t_setup,
         "eval_set_tokens": eval_set_tokens,
