@@ -233,7 +233,7 @@ def test_edit_replaces_a_slot_with_a_fresh_draw():
 def test_blocks_of_matrices_and_non_contiguous_tensors(monkeypatch):
     import romer.cim.mapping as cim
 
-    monkeypatch.setattr(cim, "CHUNK_ELEMENTS", 1000)  # one [20, 30] matrix per block
+    monkeypatch.setattr(cim, "CPU_CHUNK_ELEMENTS", 1000)  # one [20, 30] matrix per block
     torch.manual_seed(6)
     e = torch.randn(8, 20, 30)
     aw = AnalogWeights([AT("e", "routed_experts", e)], PCM, tile=(7, 6))  # padded arrays both ways
