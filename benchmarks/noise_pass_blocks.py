@@ -4,7 +4,7 @@ A block's normals (6 per weight) are drawn into memory, then read back by the de
 CPU a block that stays nearer the cache should cost less. This measures it on a random model of a
 benchmark shape (default: `wide`, 210 M analog weights), with the pipeline's fitted noise and
 mapping: one warm-up round, then --repeats rounds that each run the pass once per block size, in
-turn, and draw the same normals with torch alone (the RNG floor). With --json the last line is one
+turn, and draw the same normals with torch alone (the RNG floor, eval_overhead.rng_floor). With --json the last line is one
 JSON object.
 
   python benchmarks/noise_pass_blocks.py --json
@@ -20,7 +20,7 @@ import romer  # noqa: F401,E402  (before torch: pins the CPU numerical modes)
 import torch  # noqa: E402
 
 import romer.cim.mapping as mapping  # noqa: E402
-from eval_overhead import SHAPES, build_random, interleaved  # noqa: E402  (benchmarks/)
+from eval_overhead import SHAPES, build_random, interleaved, rng_floor  # noqa: E402  (benchmarks/)
 from romer.cim.sources import resolve_noise_model  # noqa: E402
 from romer.core.params import ANALOG_KINDS  # noqa: E402
 from romer.moe.adapters import analog_tensors, get_adapter  # noqa: E402
@@ -50,7 +50,7 @@ def main(argv=None):
 
     default = mapping.CPU_CHUNK_ELEMENTS
     fns = {f"2^{k}": at(k) for k in args.blocks_log2}
-    fns["rng_floor"] = lambda: torch.randn(n_normals, generator=gen)
+    fns["rng_floor"] = rng_floor(n_normals, gen, "cpu")
     try:
         times = interleaved(fns, "cpu", args.repeats)
     finally:
