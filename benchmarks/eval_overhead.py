@@ -246,7 +246,7 @@ def main(argv=None):
     # (a), (b), (d) and (e) in turn, round after round
     times = interleaved({"plain": plain, "eval": eval_path, "periphery": eval_path if pcfg.ideal else through(periphery),
                          "floor": through(floor)}, args.device, args.repeats)
-    t_plain, t_eval, t_eval_p, t_floor = (statistics.median(times[k]) for k in ("plain", "eval", "periphery", "floor"))
+    t_plain, t_eval, t_eval_p = (statistics.median(times[k]) for k in ("plain", "eval", "periphery"))
     profile_top = profile_totals = None
     if args.profile:  # where (d) spends its time: torch profiler over one batch, ops by self CPU time
         from torch.profiler import profile
